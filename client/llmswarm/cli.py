@@ -1,0 +1,194 @@
+"""The ``llmswarm`` command: up, serve, generate, chat, routes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+DEFAULT_SWARM = "http://127.0.0.1:8700"
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    from llmswarm.model import DistributedModelForCausalLM
+
+    return DistributedModelForCausalLM.from_pretrained(args.model, swarm=args.swarm, wire_dtype=args.wire_dtype)
+
+
+def _answer(model: Any, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
+    """Stream one assistant answer to stdout and return it."""
+    import torch
+    from transformers import TextStreamer
+
+    tokenizer = model.tokenizer
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    if not isinstance(ids, torch.Tensor):
+        ids = ids["input_ids"]
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling: dict[str, Any] = {"do_sample": False}
+    if args.temperature > 0:
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling,
+    )
+    return str(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    _answer(model, [{"role": "user", "content": args.prompt}], args)
+    return 0
+
+
+def _chat_loop(model: Any, args: argparse.Namespace) -> None:
+    print("chat with the swarm; an empty line or Ctrl-D ends it", flush=True)
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not text or text in ("/exit", "/quit"):
+            return
+        messages.append({"role": "user", "content": text})
+        print("swarm> ", end="", flush=True)
+        messages.append({"role": "assistant", "content": _answer(model, messages, args)})
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _chat_loop(_load_model(args), args)
+    return 0
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    from llmswarm.remote import SwarmClient
+
+    routes = SwarmClient(args.swarm).routes()
+    model = routes.model
+    print(f"model: {model.name if model else '-'}  blocks: {model.num_blocks if model else '-'}  "
+          f"version: {routes.version}")
+    rows = [("ID", "URL", "SPAN", "STATE", "TOKENS/S")]
+    rows += [(s.id, s.url, f"{s.start}:{s.end}", s.state, f"{s.throughput:.1f}") for s in routes.servers]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    coverage = routes.coverage()
+    if coverage:
+        uncovered = [b for b, c in enumerate(coverage) if c == 0]
+        print(f"min servers per block: {min(coverage)}" + (f"; uncovered blocks: {uncovered}" if uncovered else ""))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from llmswarm_operator.local import LocalSwarm, LocalSwarmError, LocalSwarmOptions
+    from llmswarm_operator.placement import PlacementError
+
+    options = LocalSwarmOptions(
+        model=args.model, servers=args.servers, redundancy=args.redundancy,
+        blocks_per_server=args.blocks_per_server, host=args.host, port=args.port, dtype=args.dtype,
+        threads=args.threads,
+    )
+    if args.blocks_per_server is not None and args.servers_given is False:
+        options.servers = None
+    try:
+        swarm = LocalSwarm(options).start()
+    except (LocalSwarmError, PlacementError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        print(f"route map: {swarm.url}", flush=True)
+        for span, log in zip(swarm.spans, swarm.log_files, strict=True):
+            print(f"  server blocks {span}  log {log}", flush=True)
+        args.swarm = swarm.url
+        if args.prompt:
+            model = _load_model(args)
+            _answer(model, [{"role": "user", "content": args.prompt}], args)
+        elif args.chat:
+            _chat_loop(_load_model(args), args)
+        else:
+            print("swarm is up; Ctrl-C stops it", flush=True)
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                stop.wait()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        print("stopping the swarm", file=sys.stderr, flush=True)
+        swarm.stop()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmswarm_node.main import run_serve
+
+    return run_serve(args)
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="dtype of hidden states on the wire")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmswarm_node.main import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="llmswarm", description="Run a language model split across block servers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local swarm (route map + block servers) in the foreground")
+    up.add_argument("--model", default="smollm2", help="model SPEC (directory, .gguf, org/name or smollm2)")
+    up.add_argument("--servers", type=int, default=None, help="number of block servers (default 3)")
+    up.add_argument("--redundancy", type=int, default=1, help="servers per block")
+    up.add_argument("--blocks-per-server", type=int, default=None, help="fix the span size")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8700, help="route-map port")
+    up.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    up.add_argument("--threads", type=int, default=0, help="torch threads per server")
+    up.add_argument("--chat", action="store_true", help="open an interactive chat, stop the swarm after it")
+    up.add_argument("--prompt", help="answer one prompt, then stop the swarm")
+    _add_generation_arguments(up)
+    up.set_defaults(func=cmd_up)
+
+    serve = sub.add_parser("serve", help="serve one span of blocks (what the node image runs)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    for name, func, text in (("generate", cmd_generate, "answer one prompt"), ("chat", cmd_chat, "interactive chat")):
+        command = sub.add_parser(name, help=f"{text} through a swarm (chat template applied, streamed)")
+        command.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")
+        command.add_argument("--model", default="smollm2", help="model SPEC for the client's local part")
+        _add_generation_arguments(command)
+        if name == "generate":
+            command.add_argument("prompt")
+        command.set_defaults(func=func)
+
+    routes = sub.add_parser("routes", help="print the route map as a table")
+    routes.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")
+    routes.set_defaults(func=cmd_routes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        args.servers_given = args.servers is not None
+        if args.servers is None and args.blocks_per_server is None:
+            args.servers = 3
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

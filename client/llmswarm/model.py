@@ -1,0 +1,214 @@
+"""A causal LM whose blocks run in the swarm: embeddings, final norm and LM head stay local.
+
+``DistributedModelForCausalLM`` is a transformers ``PreTrainedModel`` with
+``GenerationMixin``: ``generate()`` is transformers' own (greedy, sampling, repetition
+penalty, stop strings, streamers, padded batches). The attention cache it carries is a
+:class:`RemoteCache`, a handle on an inference session whose caches live on the servers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.initialization import no_init_weights
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llmswarm.arch import architecture_of
+from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SwarmClient, SwarmError
+from llmswarm.source import ModelDir, resolve
+
+
+class RemoteCache(Cache):
+    """What generate() sees as the KV cache: the server-side caches of one inference session."""
+
+    def __init__(self, session: InferenceSession) -> None:
+        super().__init__(layers=[])
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.session.position
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.session.position + query_length, 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported through the swarm")
+
+
+def _client_part(source: ModelDir, dtype: torch.dtype) -> PreTrainedModel:
+    """The model's CausalLM with zero blocks, holding the source's non-block weights."""
+    data = source.config.to_dict()
+    data["num_hidden_layers"] = 0
+    if data.get("layer_types") is not None:
+        data["layer_types"] = []
+    config = type(source.config).from_dict(data)
+    with no_init_weights():
+        local = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = source.client_state(dtype=dtype)
+    missing, unexpected = local.load_state_dict(state, strict=False)
+    arch = architecture_of(source.config)
+    embed = getattr(getattr(local, arch.base), arch.embed)
+    if "lm_head.weight" in missing and source.config.tie_word_embeddings:
+        local.lm_head.weight = embed.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    missing = [k for k in missing if not k.endswith("inv_freq")]
+    if missing or unexpected:
+        raise ValueError(f"client weights do not match the architecture: missing {missing}, unexpected {unexpected}")
+    return local.eval().requires_grad_(False)
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM served by a swarm. Build it with :meth:`from_pretrained`."""
+
+    _supports_cache_class = True
+
+    def __init__(self, config: PretrainedConfig, local: PreTrainedModel, client: SwarmClient,
+                 tokenizer: Any = None) -> None:
+        super().__init__(config)
+        self.local = local
+        self.arch = architecture_of(config)
+        self.client = client
+        self.remote = RemoteSequential(client, config.num_hidden_layers)
+        self.tokenizer = tokenizer
+        self.generation_config = local.generation_config
+        self._session: InferenceSession | None = None
+        base = getattr(local, self.arch.base)
+        self.embed: nn.Module = getattr(base, self.arch.embed)
+        self.embed_norm: nn.Module = getattr(base, self.arch.embed_norm) if self.arch.embed_norm else nn.Identity()
+        self.final_norm: nn.Module = getattr(base, self.arch.final_norm)
+        self.lm_head: nn.Module = local.lm_head
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        spec: str,
+        swarm: str,
+        dtype: torch.dtype = torch.float32,
+        wire_dtype: str = "float32",
+        client_config: ClientConfig | None = None,
+        progress: bool = True,
+    ) -> DistributedModelForCausalLM:
+        """Load the local part of `spec` and connect to the swarm's route map at `swarm`."""
+        source = resolve(spec, progress=progress)
+        config = copy.deepcopy(client_config) if client_config else ClientConfig()
+        config.wire_dtype = wire_dtype
+        client = SwarmClient(swarm, config)
+        routes = client.routes()
+        if routes.model is not None and routes.model.num_blocks != source.num_blocks:
+            raise SwarmError(
+                f"the swarm serves {routes.model.name} with {routes.model.num_blocks} blocks, "
+                f"but {spec} has {source.num_blocks}"
+            )
+        local = _client_part(source, dtype)
+        gen_file = source.path / "generation_config.json"
+        if gen_file.is_file():
+            local.generation_config = GenerationConfig.from_pretrained(source.path)
+        model = cls(source.config, local, client, tokenizer=source.tokenizer())
+        return model.eval()
+
+    # ---- sessions ----------------------------------------------------------------------------------------
+    @contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
+        """Open server-side caches for up to `max_length` tokens; generate() inside uses them."""
+        session = InferenceSession(self.client, self.config.num_hidden_layers, max_length, batch_size)
+        outer, self._session = self._session, session
+        try:
+            yield session
+        finally:
+            self._session = outer
+            session.close()
+
+    @property
+    def active_session(self) -> InferenceSession | None:
+        return self._session
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids)
+        batch, new = inputs_embeds.shape[:2]
+        session = cache.session if isinstance(cache, RemoteCache) else None
+        past = session.position if session is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)
+        hidden = self.embed_norm(inputs_embeds)
+        if session is not None:
+            hidden = session.step(hidden, attention_mask, position_ids)
+        else:
+            hidden = self.remote.forward(hidden, attention_mask, position_ids)
+        hidden = self.final_norm(hidden)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    # ---- generation --------------------------------------------------------------------------------------
+    def _supports_default_dynamic_cache(self) -> bool:
+        return False
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 session: InferenceSession | None = None, **kwargs: Any) -> Any:
+        """transformers' generate(), with the attention caches on the servers.
+
+        Inside ``inference_session()`` (or with ``session=``) the session is continued,
+        so a later call may pass the whole conversation so far and only new tokens run.
+        """
+        if kwargs.get("num_beams", 1) > 1:
+            raise NotImplementedError("beam search is not supported through the swarm")
+        if kwargs.get("cache") is not None or kwargs.get("use_cache") is False:
+            return super().generate(inputs, generation_config, **kwargs)
+        session = session or self._session
+        if session is not None:
+            return super().generate(inputs, generation_config, cache=RemoteCache(session), **kwargs)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("generate() through the swarm needs input_ids")
+        config = generation_config or self.generation_config
+        max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
+        max_length = ids.shape[1] + max_new if max_new else kwargs.get("max_length") or config.max_length
+        batch = ids.shape[0] * int(kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+        with self.inference_session(max_length=max_length, batch_size=batch) as opened:
+            return super().generate(inputs, generation_config, cache=RemoteCache(opened), **kwargs)

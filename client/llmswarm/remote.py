@@ -1,0 +1,358 @@
+"""Talking to the swarm: route map, chains of servers, inference sessions, stateless forward.
+
+The retry loop is explicit: when a server fails (connection lost, or a retryable
+error), the client avoids it for a while, routes the failed span again from the route
+map, opens sessions on the new servers, replays the inputs that span has seen so the
+new servers rebuild their attention caches, and goes on. Spans that did not fail keep
+their sessions and caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import requests
+import torch
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import ClientConnection, connect
+
+from llmswarm import wire
+from llmswarm.routemap import RouteMap
+from llmswarm.routing import Hop, NoRoute, choose_chain
+from llmswarm.wire import DTYPES, ProtocolError
+
+log = logging.getLogger("llmswarm.client")
+
+
+class SwarmError(RuntimeError):
+    """The swarm could not serve a request after every retry."""
+
+
+@dataclass
+class ClientConfig:
+    request_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    routes_max_age: float = 2.0  # seconds a fetched route map is trusted
+    max_retries: int = 5
+    ban_seconds: float = 15.0  # how long a failed server is avoided (doubles on repeated failure)
+    backoff_base: float = 0.25
+    backoff_max: float = 8.0
+    wire_dtype: str = "float32"  # float16 / bfloat16 halve the bytes on the wire
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+_TRANSPORT_ERRORS = (OSError, WebSocketException, requests.RequestException, TimeoutError)
+
+
+class SwarmClient:
+    """Route map reader, round-trip-time meter and server ban list, shared by sessions."""
+
+    def __init__(self, swarm: str, config: ClientConfig | None = None) -> None:
+        self.url = swarm.rstrip("/")
+        self.config = config or ClientConfig()
+        self.http = requests.Session()
+        self._routes: RouteMap | None = None
+        self._fetched = 0.0
+        self._rtt: dict[str, float] = {}
+        self._banned: dict[str, tuple[float, float]] = {}  # id -> (until, last ban length)
+        self._lock = threading.Lock()
+
+    def routes(self, refresh: bool = False) -> RouteMap:
+        with self._lock:
+            fresh = time.monotonic() - self._fetched < self.config.routes_max_age
+            if self._routes is not None and fresh and not refresh:
+                return self._routes
+        try:
+            response = self.http.get(f"{self.url}/v1/routes", timeout=self.config.connect_timeout)
+            response.raise_for_status()
+            routes = RouteMap.model_validate_json(response.content)
+        except requests.RequestException as error:
+            raise SwarmError(f"cannot read the route map at {self.url}: {error}") from error
+        with self._lock:
+            self._routes, self._fetched = routes, time.monotonic()
+        return routes
+
+    def rtt(self, server_id: str, url: str) -> float:
+        """Round-trip time to a server's /healthz (best of two), measured once."""
+        if server_id not in self._rtt:
+            best = float("inf")
+            for _ in range(2):
+                began = time.perf_counter()
+                try:
+                    self.http.get(f"{url}/healthz", timeout=self.config.connect_timeout).raise_for_status()
+                except requests.RequestException:
+                    best = float("inf")
+                    break
+                best = min(best, time.perf_counter() - began)
+            self._rtt[server_id] = best if best != float("inf") else 1.0
+        return self._rtt[server_id]
+
+    def ban(self, server_id: str) -> None:
+        with self._lock:
+            _, last = self._banned.get(server_id, (0.0, self.config.ban_seconds / 2))
+            length = min(last * 2, 300.0)
+            self._banned[server_id] = (time.monotonic() + length, length)
+        log.warning("avoiding server %s for %.0f s", server_id, length)
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        with self._lock:
+            return {sid for sid, (until, _) in self._banned.items() if until > now}
+
+    def chain(self, start: int, end: int, exclude: Iterable[str] = ()) -> list[Hop]:
+        """The cheapest chain over [start, end), refreshing the map once if nothing fits."""
+        avoid = self.banned() | set(exclude)
+        for refresh in (False, True):
+            routes = self.routes(refresh=refresh)
+            candidates = [s for s in routes.servers if s.state == "online" and s.id not in avoid]
+            rtt = {s.id: self.rtt(s.id, s.url) for s in candidates if s.start < end and s.end > start}
+            try:
+                return choose_chain(candidates, start, end, rtt)
+            except NoRoute:
+                if refresh:
+                    raise
+        raise AssertionError("unreachable")
+
+    def backoff(self, attempt: int) -> None:
+        time.sleep(min(self.config.backoff_base * 2**attempt, self.config.backoff_max))
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@dataclass
+class _History:
+    """Inputs a span has seen in this session, to replay on a replacement server."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    positions: list[torch.Tensor | None] = field(default_factory=list)
+
+
+class SpanSession:
+    """One server's inference session over blocks [start, end) of the chain."""
+
+    def __init__(self, client: SwarmClient, hop: Hop, max_length: int, batch_size: int) -> None:
+        self.client = client
+        self.hop = hop
+        self.server_id = hop.server.id
+        self.start, self.end = hop.start, hop.end
+        self._ids = iter(range(1, 2**31))
+        ws_url = hop.server.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/session"
+        config = client.config
+        self.socket: ClientConnection = connect(
+            ws_url, open_timeout=config.connect_timeout, max_size=config.max_message_bytes + 64 * 1024,
+            compression=None,
+        )
+        reply = self._call({
+            "kind": "open", "start": self.start, "end": self.end, "max_length": max_length,
+            "batch_size": batch_size, "wire_dtype": config.wire_dtype,
+        })
+        self.session = int(reply.header["session"])
+
+    def _call(self, header: dict[str, object], tensors: dict[str, torch.Tensor] | None = None) -> wire.Frame:
+        request_id = next(self._ids)
+        self.socket.send(wire.encode({**header, "request_id": request_id}, tensors))
+        data = self.socket.recv(timeout=self.client.config.request_timeout)
+        if not isinstance(data, bytes):
+            raise ProtocolError("bad_request", "server sent a text frame")
+        frame = wire.raise_if_error(wire.decode(data, wire.WireLimits(max_tensor_bytes=self.client.config.max_message_bytes)))
+        if frame.header.get("request_id") != request_id:
+            raise ProtocolError("internal", f"reply to request {frame.header.get('request_id')}, expected {request_id}")
+        return frame
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+             position_ids: torch.Tensor | None) -> torch.Tensor:
+        tensors = {"hidden": hidden.to(DTYPES[self.client.config.wire_dtype])}
+        if attention_mask is not None:
+            tensors["attention_mask"] = attention_mask.to(torch.int64)
+        if position_ids is not None:
+            tensors["position_ids"] = position_ids.to(torch.int64)
+        frame = self._call({"kind": "step", "session": self.session}, tensors)
+        output = frame.tensors.get("hidden")
+        if output is None or list(output.shape) != list(hidden.shape):
+            raise ProtocolError("internal", f"server {self.server_id} returned a malformed output")
+        return output.to(hidden.dtype)
+
+    def close(self) -> None:
+        try:
+            self._call({"kind": "close", "session": self.session})
+        except (*_TRANSPORT_ERRORS, ProtocolError):
+            pass
+        finally:
+            self.socket.close()
+
+
+class InferenceSession:
+    """A chain of server sessions covering every block, stepped one chunk of tokens at a time.
+
+    ``step`` takes hidden states of the new tokens [batch, new, hidden], the attention
+    mask of past and new tokens [batch, past + new] and the new tokens' position ids,
+    and returns the hidden states after the last block.
+    """
+
+    def __init__(self, client: SwarmClient, num_blocks: int, max_length: int, batch_size: int = 1) -> None:
+        self.client = client
+        self.num_blocks = num_blocks
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.position = 0
+        self._spans: list[SpanSession] = []
+        self._history: list[_History] = []
+        self._masks: list[torch.Tensor | None] = []
+        self._closed = False
+        self._spans, self._history = self._open_chain(0, num_blocks, exclude=())
+
+    def _open_chain(self, start: int, end: int, exclude: Iterable[str]) -> tuple[list[SpanSession], list[_History]]:
+        attempt = 0
+        while True:
+            opened: list[SpanSession] = []
+            try:
+                for hop in self.client.chain(start, end, exclude):
+                    opened.append(SpanSession(self.client, hop, self.max_length, self.batch_size))
+                return opened, [_History() for _ in opened]
+            except (*_TRANSPORT_ERRORS, ProtocolError, NoRoute) as error:
+                for span in opened:
+                    span.close()
+                failed_hop = self._failed_hop(error, opened, start, end)
+                if failed_hop is not None:
+                    self.client.ban(failed_hop)
+                attempt += 1
+                if attempt > self.client.config.max_retries or (isinstance(error, ProtocolError) and not error.retryable):
+                    raise SwarmError(f"cannot open a session over blocks [{start}, {end}): {error}") from error
+                self.client.backoff(attempt)
+
+    def _failed_hop(self, error: Exception, opened: list[SpanSession], start: int, end: int) -> str | None:
+        if isinstance(error, NoRoute):
+            return None
+        try:
+            chain = self.client.chain(start, end)
+        except NoRoute:
+            return None
+        return chain[len(opened)].server.id if len(opened) < len(chain) else None
+
+    @property
+    def chain(self) -> list[tuple[str, int, int]]:
+        """(server id, start, end) of each hop currently used."""
+        return [(s.server_id, s.start, s.end) for s in self._spans]
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self._closed:
+            raise SwarmError("the inference session is closed")
+        new = hidden.shape[1]
+        if self.position + new > self.max_length:
+            raise SwarmError(f"{self.position + new} tokens exceed the session's max_length {self.max_length}")
+        index = 0
+        while index < len(self._spans):
+            span = self._spans[index]
+            try:
+                output = span.step(hidden, attention_mask, position_ids)
+            except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+                if isinstance(error, ProtocolError) and not error.retryable:
+                    raise
+                self._replace(index, error)
+                continue
+            self._history[index].hidden.append(hidden)
+            self._history[index].positions.append(position_ids)
+            hidden = output
+            index += 1
+        self._masks.append(attention_mask)
+        self.position += new
+        return hidden
+
+    def _replace(self, index: int, error: Exception) -> None:
+        """Route blocks of the failed hop again and replay their inputs on the new servers."""
+        failed = self._spans[index]
+        log.warning("server %s failed on blocks [%d, %d): %s; failing over", failed.server_id, failed.start,
+                    failed.end, error)
+        self.client.ban(failed.server_id)
+        failed.socket.close()
+        history = self._history[index]
+        for attempt in range(self.client.config.max_retries + 1):
+            spans, histories = self._open_chain(failed.start, failed.end, exclude=(failed.server_id,))
+            try:
+                inputs = history.hidden
+                for span, own in zip(spans, histories, strict=True):
+                    outputs = []
+                    for step, (hidden, positions) in enumerate(zip(inputs, history.positions, strict=True)):
+                        outputs.append(span.step(hidden, self._masks[step], positions))
+                        own.hidden.append(hidden)
+                        own.positions.append(positions)
+                    inputs = outputs
+                break
+            except (*_TRANSPORT_ERRORS, ProtocolError) as retry_error:
+                for span in spans:
+                    span.close()
+                if attempt == self.client.config.max_retries:
+                    raise SwarmError(f"failover of blocks [{failed.start}, {failed.end}) failed: {retry_error}") from retry_error
+                self.client.backoff(attempt)
+        self._spans[index:index + 1] = spans
+        self._history[index:index + 1] = histories
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for span in self._spans:
+                span.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteSequential:
+    """Stateless forward through every block (no cache): for scoring and training."""
+
+    def __init__(self, client: SwarmClient, num_blocks: int) -> None:
+        self.client = client
+        self.num_blocks = num_blocks
+
+    def _forward_hop(self, hop: Hop, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None) -> torch.Tensor:
+        config = self.client.config
+        tensors = {"hidden": hidden.to(DTYPES[config.wire_dtype])}
+        if attention_mask is not None:
+            tensors["attention_mask"] = attention_mask.to(torch.int64)
+        if position_ids is not None:
+            tensors["position_ids"] = position_ids.to(torch.int64)
+        body = wire.encode(
+            {"kind": "forward", "start": hop.start, "end": hop.end, "wire_dtype": config.wire_dtype}, tensors
+        )
+        response = self.client.http.post(
+            f"{hop.server.url}/v1/forward", data=body, timeout=config.request_timeout,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        frame = wire.raise_if_error(wire.decode(response.content, wire.WireLimits(max_tensor_bytes=config.max_message_bytes)))
+        output = frame.tensors.get("hidden")
+        if output is None or list(output.shape) != list(hidden.shape):
+            raise ProtocolError("internal", f"server {hop.server.id} returned a malformed output")
+        return output.to(hidden.dtype)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        at, attempt = 0, 0
+        while at < self.num_blocks:
+            try:
+                chain = self.client.chain(at, self.num_blocks)
+            except NoRoute as error:
+                raise SwarmError(str(error)) from error
+            for hop in chain:
+                try:
+                    hidden = self._forward_hop(hop, hidden, attention_mask, position_ids)
+                except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+                    if isinstance(error, ProtocolError) and not error.retryable:
+                        raise
+                    attempt += 1
+                    if attempt > self.client.config.max_retries:
+                        raise SwarmError(f"forward over blocks [{hop.start}, {hop.end}) failed: {error}") from error
+                    self.client.ban(hop.server.id)
+                    self.client.backoff(attempt)
+                    break
+                at = hop.end
+        return hidden

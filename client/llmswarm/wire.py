@@ -1,0 +1,228 @@
+"""The wire format: one binary frame per message, no pickle.
+
+A frame is::
+
+    b"LSW1" | header length (uint32, little endian) | header (UTF-8 JSON) | tensor bytes
+
+The header is a JSON object with a ``kind``, message fields, and ``tensors``: a list of
+``{"name", "dtype", "shape"}`` in the order their raw bytes follow. Every declared size
+is checked against the limits and against the bytes actually present *before* any
+tensor is made; tensors are then views over the received buffer (``torch.frombuffer``).
+
+Message kinds (requests -> replies):
+
+* ``open`` {start, end, max_length, batch_size?, wire_dtype?} -> ``opened`` {session}
+* ``step`` {session} + hidden, attention_mask?, position_ids? -> ``output`` {session} + hidden
+* ``close`` {session} -> ``closed`` {session}
+* ``forward`` {start, end, wire_dtype?} + hidden, attention_mask?, position_ids? -> ``output`` + hidden
+* any request -> ``error`` {code, message, retryable}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAGIC = b"LSW1"
+_PREFIX = struct.Struct("<4sI")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INDEX_DTYPES = ("int64", "int32", "bool")
+WireDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served, with a code the client can act on."""
+
+    status = {"bad_request": 400, "unauthorized": 401, "not_found": 404, "too_large": 413,
+              "overloaded": 503, "internal": 500}
+
+    def __init__(self, code: str, message: str, retryable: bool | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = code in ("overloaded", "internal") if retryable is None else retryable
+
+    @property
+    def http_status(self) -> int:
+        return self.status.get(self.code, 500)
+
+    def to_header(self) -> dict[str, Any]:
+        return {"kind": "error", "code": self.code, "message": self.message, "retryable": self.retryable}
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Upper bounds checked before anything is allocated."""
+
+    max_header_bytes: int = 64 * 1024
+    max_tensors: int = 8
+    max_ndim: int = 4
+    max_tensor_bytes: int = 256 * 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+NonNegInt = Annotated[int, Field(ge=0, le=2**31)]
+
+
+class TensorSpec(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    dtype: Literal["float32", "float16", "bfloat16", "int64", "int32", "bool"]
+    shape: list[NonNegInt]
+
+
+class OpenRequest(_Strict):
+    kind: Literal["open"]
+    start: NonNegInt
+    end: NonNegInt
+    max_length: Annotated[int, Field(ge=1, le=2**31)]
+    batch_size: Annotated[int, Field(ge=1, le=2**31)] = 1
+    wire_dtype: WireDtype = "float32"
+    request_id: NonNegInt | None = None
+
+
+class StepRequest(_Strict):
+    kind: Literal["step"]
+    session: NonNegInt
+    request_id: NonNegInt | None = None
+
+
+class CloseRequest(_Strict):
+    kind: Literal["close"]
+    session: NonNegInt
+    request_id: NonNegInt | None = None
+
+
+class ForwardRequest(_Strict):
+    kind: Literal["forward"]
+    start: NonNegInt
+    end: NonNegInt
+    wire_dtype: WireDtype = "float32"
+    request_id: NonNegInt | None = None
+
+
+SessionRequest = OpenRequest | StepRequest | CloseRequest
+_REQUESTS: dict[str, type[_Strict]] = {
+    "open": OpenRequest,
+    "step": StepRequest,
+    "close": CloseRequest,
+    "forward": ForwardRequest,
+}
+
+
+@dataclass
+class Frame:
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return str(self.header.get("kind"))
+
+
+def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Serialize a header and named tensors into one frame."""
+    tensors = tensors or {}
+    specs, payloads = [], []
+    for name, tensor in tensors.items():
+        if tensor.dtype not in DTYPE_NAMES:
+            raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which the wire does not carry")
+        tensor = tensor.detach().contiguous().cpu()
+        specs.append({"name": name, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)})
+        payloads.append(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    head = json.dumps({**header, "tensors": specs}, separators=(",", ":")).encode()
+    return b"".join([_PREFIX.pack(MAGIC, len(head)), head, *payloads])
+
+
+def decode(data: bytes, limits: WireLimits = WireLimits()) -> Frame:
+    """Parse and check one frame; raise ProtocolError('bad_request' or 'too_large') on any defect."""
+    if len(data) < _PREFIX.size:
+        raise ProtocolError("bad_request", f"frame of {len(data)} bytes is shorter than its {_PREFIX.size}-byte prefix")
+    magic, head_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError("bad_request", f"bad magic {magic!r}, expected {MAGIC!r}")
+    if head_len > limits.max_header_bytes:
+        raise ProtocolError("too_large", f"header of {head_len} bytes exceeds {limits.max_header_bytes}")
+    body_start = _PREFIX.size + head_len
+    if body_start > len(data):
+        raise ProtocolError("bad_request", f"truncated frame: header declares {head_len} bytes, {len(data) - _PREFIX.size} present")
+    try:
+        header = json.loads(data[_PREFIX.size:body_start].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError("bad_request", f"header is not UTF-8 JSON: {error}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
+        raise ProtocolError("bad_request", "header must be a JSON object with a string 'kind'")
+    raw_specs = header.pop("tensors", [])
+    if not isinstance(raw_specs, list) or len(raw_specs) > limits.max_tensors:
+        raise ProtocolError("bad_request", f"'tensors' must be a list of at most {limits.max_tensors} entries")
+    try:
+        specs = [TensorSpec.model_validate(s) for s in raw_specs]
+    except ValidationError as error:
+        raise ProtocolError("bad_request", f"bad tensor description: {_first_error(error)}") from None
+    offset = body_start
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        if spec.name in tensors:
+            raise ProtocolError("bad_request", f"tensor {spec.name!r} appears twice")
+        if len(spec.shape) > limits.max_ndim:
+            raise ProtocolError("bad_request", f"tensor {spec.name!r} has {len(spec.shape)} dims, at most {limits.max_ndim}")
+        dtype = DTYPES[spec.dtype]
+        nbytes = math.prod(spec.shape) * dtype.itemsize
+        if nbytes > limits.max_tensor_bytes:
+            raise ProtocolError("too_large", f"tensor {spec.name!r} declares {nbytes} bytes, limit {limits.max_tensor_bytes}")
+        if offset + nbytes > len(data):
+            raise ProtocolError("bad_request", f"truncated frame: tensor {spec.name!r} needs {nbytes} bytes, {len(data) - offset} left")
+        if nbytes:
+            flat = torch.frombuffer(bytearray(data[offset:offset + nbytes]), dtype=dtype)
+        else:
+            flat = torch.empty(0, dtype=dtype)
+        tensors[spec.name] = flat.view(spec.shape)
+        offset += nbytes
+    if offset != len(data):
+        raise ProtocolError("bad_request", f"{len(data) - offset} bytes after the last declared tensor")
+    return Frame(header, tensors)
+
+
+def parse_request(frame: Frame, allowed: tuple[str, ...]) -> Any:
+    """Validate a request header against its message type."""
+    if frame.kind not in allowed:
+        raise ProtocolError("bad_request", f"unexpected message kind {frame.kind!r} (expected one of {', '.join(allowed)})")
+    try:
+        return _REQUESTS[frame.kind].model_validate(frame.header)
+    except ValidationError as error:
+        raise ProtocolError("bad_request", f"bad {frame.kind} message: {_first_error(error)}") from None
+
+
+def raise_if_error(frame: Frame) -> Frame:
+    """On the client: turn an ``error`` reply into a ProtocolError."""
+    if frame.kind == "error":
+        raise ProtocolError(
+            str(frame.header.get("code", "internal")),
+            str(frame.header.get("message", "")),
+            bool(frame.header.get("retryable", False)),
+        )
+    return frame
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+    return f"{where}: {first.get('msg')}"

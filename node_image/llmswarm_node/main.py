@@ -1,0 +1,105 @@
+"""``llmswarm serve``: load one span and serve it (what the node image runs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from llmswarm_node.sessions import ServerLimits
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_span(text: str) -> tuple[int, int]:
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"span {text!r} must satisfy 0 <= START < END")
+    return start, end
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerLimits()
+    parser.add_argument("--model", default="smollm2", help="model SPEC (directory, .gguf, org/name or smollm2)")
+    parser.add_argument("--blocks", type=parse_span, required=True, metavar="START:END", help="span [START, END)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    parser.add_argument("--public-url", help="URL clients use to reach this server (default http://HOST:PORT)")
+    parser.add_argument("--swarm", help="route-map URL to announce this server to")
+    parser.add_argument("--server-id", help="stable id in the route map (default: hostname + random suffix)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the blocks")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
+    parser.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per session")
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
+    parser.add_argument("--max-tokens-per-request", type=int, default=defaults.max_tokens_per_request)
+    parser.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes)
+    parser.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)
+    parser.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmswarm.source import resolve
+    from llmswarm_node.server import BlockServer, ServerOptions, serve
+    from llmswarm_node.span import SpanModel
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = resolve(args.model, progress=not args.quiet)
+    start, end = args.blocks
+    if end > source.num_blocks:
+        print(f"error: span {start}:{end} is outside the model's {source.num_blocks} blocks", file=sys.stderr)
+        return 2
+    span = SpanModel(source, start, end, dtype=getattr(torch, args.dtype), progress=not args.quiet)
+    limits = ServerLimits(
+        max_sessions=args.max_sessions,
+        max_length=args.max_length,
+        max_batch=args.max_batch,
+        max_tokens_per_request=args.max_tokens_per_request,
+        max_message_bytes=args.max_message_bytes,
+        kv_cache_bytes=args.kv_cache_bytes,
+        session_idle_timeout=args.session_idle_timeout,
+    )
+    options = ServerOptions(
+        model_name=source.name, host=args.host, port=args.port, public_url=args.public_url,
+        swarm=args.swarm.rstrip("/") if args.swarm else None, server_id=args.server_id, limits=limits,
+    )
+    server = BlockServer(span, options)
+    server.throughput = span.measure_throughput()
+    server.metrics.throughput.set(server.throughput)
+    logging.getLogger("llmswarm.node").info("span [%d, %d): %.1f tokens/s", start, end, server.throughput)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+        await serve(server, args.host, args.port)
+
+    try:
+        asyncio.run(main())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmswarm serve", description=__doc__)
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

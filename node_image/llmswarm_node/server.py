@@ -1,0 +1,396 @@
+"""The block server: HTTP + WebSocket front end over one span of blocks.
+
+Layers, one job each: the handlers here decode and validate (wire.py, sessions.py),
+the compute runs on the task pool's thread (taskpool.py) through the span (span.py).
+
+Endpoints:
+  GET  /healthz       the process is alive
+  GET  /readyz        the span is loaded and the server takes requests
+  GET  /info          model, span, dtype, throughput, cache use (JSON)
+  GET  /metrics       Prometheus metrics
+  POST /v1/forward    stateless forward: one frame in, one frame out
+  GET  /v1/session    WebSocket of inference sessions (open / step / close frames)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+import torch
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from llmswarm import wire
+from llmswarm.routemap import Announcement, ModelInfo, ServerRecord, ServerState
+from llmswarm.wire import DTYPES, ProtocolError
+from llmswarm_node.metrics import ServerMetrics
+from llmswarm_node.sessions import ServerLimits, Session, SessionTable
+from llmswarm_node.span import SpanModel
+from llmswarm_node.taskpool import PRIORITY_FORWARD, PRIORITY_INFERENCE, TaskPool
+
+log = logging.getLogger("llmswarm.node")
+
+HEARTBEAT_SECONDS = 2.0
+
+
+def kv_bytes_per_token_block(span: SpanModel) -> int:
+    """Attention-cache bytes one token takes in one block (keys and values)."""
+    config = span.source.config
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+    if kv_heads is None:
+        kv_heads = 1 if getattr(config, "multi_query", False) else heads
+    return 2 * int(kv_heads) * head_dim * span.dtype.itemsize
+
+
+@dataclass
+class ServerOptions:
+    model_name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    public_url: str | None = None
+    swarm: str | None = None
+    server_id: str | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+
+class BlockServer:
+    def __init__(self, span: SpanModel, options: ServerOptions) -> None:
+        self.span = span
+        self.options = options
+        self.limits = options.limits
+        self.id = options.server_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.url = options.public_url or ""
+        self.state: ServerState = "joining"
+        self.metrics = ServerMetrics()
+        self.sessions = SessionTable(self.limits, kv_bytes_per_token_block(span))
+        self.pool = TaskPool()
+        self.throughput = 0.0
+        self.wire_limits = wire.WireLimits(max_tensor_bytes=self.limits.max_message_bytes)
+        self._owners = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.metrics.span_start.set(span.start)
+        self.metrics.span_end.set(span.end)
+        self.metrics.kv_cache_limit.set(self.limits.kv_cache_bytes)
+        self.metrics.info.labels(options.model_name, str(span.dtype).removeprefix("torch."), self.id).set(1)
+
+    # ---- application -------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.limits.max_message_bytes + 64 * 1024)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/info", self.info)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_post("/v1/forward", self.forward)
+        app.router.add_get("/v1/session", self.session_socket)
+        app.on_startup.append(self._start_background)
+        app.on_cleanup.append(self._stop_background)
+        return app
+
+    async def _start_background(self, app: web.Application) -> None:
+        self._tasks.append(asyncio.create_task(self._expire_sessions()))
+
+    def start_announcing(self) -> None:
+        """Heartbeat to the route map (once the server is online and knows its URL)."""
+        if self.options.swarm:
+            self._tasks.append(asyncio.create_task(self._announce_forever()))
+
+    async def _stop_background(self, app: web.Application) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.options.swarm:
+            await self._leave()
+        self.pool.shutdown()
+
+    # ---- probes and metadata -----------------------------------------------------------------------------
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = self.state == "online"
+        return web.json_response({"ready": ready, "state": self.state}, status=200 if ready else 503)
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.options.model_name, num_blocks=self.span.source.num_blocks, hidden_size=self.span.hidden_size
+        )
+
+    def record(self) -> ServerRecord:
+        return ServerRecord(
+            id=self.id,
+            url=self.url,
+            start=self.span.start,
+            end=self.span.end,
+            state=self.state,
+            throughput=self.throughput,
+            dtype=str(self.span.dtype).removeprefix("torch."),
+            cache_tokens_left=self.sessions.tokens_left(self.span.num_blocks),
+        )
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "id": self.id,
+            "url": self.url,
+            "model": self.model_info().model_dump(),
+            "start": self.span.start,
+            "end": self.span.end,
+            "state": self.state,
+            "dtype": str(self.span.dtype).removeprefix("torch."),
+            "throughput": self.throughput,
+            "sessions": len(self.sessions),
+            "cache_bytes_used": self.sessions.reserved_bytes,
+            "cache_bytes_limit": self.limits.kv_cache_bytes,
+            "limits": self.limits.__dict__,
+        })
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        self.metrics.queue_depth.set(self.pool.depth)
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # ---- validation --------------------------------------------------------------------------------------
+    def _check_span(self, start: int, end: int) -> None:
+        if not self.span.start <= start < end <= self.span.end:
+            raise ProtocolError(
+                "bad_request", f"blocks [{start}, {end}) are not inside this server's span [{self.span.start}, {self.span.end})"
+            )
+
+    def _inputs(self, tensors: dict[str, torch.Tensor], batch: int | None, past: int,
+                max_new: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Check hidden [B, T, H], attention_mask [B, past + T], position_ids [B, T]."""
+        unknown = set(tensors) - {"hidden", "attention_mask", "position_ids"}
+        if unknown:
+            raise ProtocolError("bad_request", f"unknown tensors {sorted(unknown)}")
+        hidden = tensors.get("hidden")
+        if hidden is None:
+            raise ProtocolError("bad_request", "missing tensor 'hidden'")
+        if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ProtocolError("bad_request", f"'hidden' must be float32, float16 or bfloat16, not {hidden.dtype}")
+        if hidden.ndim != 3 or hidden.shape[2] != self.span.hidden_size or hidden.shape[1] < 1:
+            raise ProtocolError(
+                "bad_request", f"'hidden' must have shape [batch, tokens>=1, {self.span.hidden_size}], got {list(hidden.shape)}"
+            )
+        b, t = hidden.shape[0], hidden.shape[1]
+        if batch is not None and b != batch:
+            raise ProtocolError("bad_request", f"'hidden' has batch {b}, the session was opened with {batch}")
+        if b < 1 or b > self.limits.max_batch:
+            raise ProtocolError("too_large", f"batch {b} is outside [1, {self.limits.max_batch}]")
+        if b * t > self.limits.max_tokens_per_request:
+            raise ProtocolError("too_large", f"{b * t} tokens in one request, limit {self.limits.max_tokens_per_request}")
+        if t > max_new:
+            raise ProtocolError("too_large", f"{t} new tokens exceed the {max_new} left in this session")
+        mask = tensors.get("attention_mask")
+        if mask is not None:
+            if mask.dtype not in (torch.int64, torch.int32, torch.bool) or list(mask.shape) != [b, past + t]:
+                raise ProtocolError(
+                    "bad_request", f"'attention_mask' must be an integer tensor of shape {[b, past + t]}, got "
+                    f"{mask.dtype} {list(mask.shape)}"
+                )
+            mask = mask.to(torch.int64)
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ProtocolError("bad_request", "'attention_mask' must hold only 0 and 1")
+        positions = tensors.get("position_ids")
+        if positions is not None:
+            if positions.dtype not in (torch.int64, torch.int32) or list(positions.shape) != [b, t]:
+                raise ProtocolError(
+                    "bad_request", f"'position_ids' must be an integer tensor of shape {[b, t]}, got "
+                    f"{positions.dtype} {list(positions.shape)}"
+                )
+            positions = positions.to(torch.int64)
+            if bool((positions < 0).any()) or bool((positions >= self.limits.max_length).any()):
+                raise ProtocolError("bad_request", f"'position_ids' must lie in [0, {self.limits.max_length})")
+        return hidden, mask, positions
+
+    # ---- stateless forward -------------------------------------------------------------------------------
+    async def forward(self, request: web.Request) -> web.Response:
+        began = time.perf_counter()
+        try:
+            if self.state == "joining":
+                raise ProtocolError("overloaded", "the server is still starting")
+            body = await request.read()
+            frame = wire.decode(body, self.wire_limits)
+            req = wire.parse_request(frame, ("forward",))
+            self._check_span(req.start, req.end)
+            hidden, mask, positions = self._inputs(frame.tensors, None, 0, self.limits.max_length)
+            out_dtype = DTYPES[req.wire_dtype]
+
+            def run() -> torch.Tensor:
+                return self.span.forward(hidden, mask, positions, None, req.start, req.end).to(out_dtype)
+
+            output = await self.pool.submit(PRIORITY_FORWARD, run)
+            self.metrics.tokens.labels("forward").inc(hidden.shape[0] * hidden.shape[1])
+            reply = wire.encode({"kind": "output", "request_id": req.request_id}, {"hidden": output})
+            self._count("forward", "ok", began)
+            return web.Response(body=reply, content_type="application/octet-stream")
+        except ProtocolError as error:
+            self._count("forward", error.code, began)
+            return web.Response(body=wire.encode(error.to_header()), status=error.http_status,
+                                content_type="application/octet-stream")
+        except Exception as error:
+            log.exception("forward failed")
+            self._count("forward", "internal", began)
+            failure = ProtocolError("internal", f"{type(error).__name__}: {error}")
+            return web.Response(body=wire.encode(failure.to_header()), status=500,
+                                content_type="application/octet-stream")
+
+    def _count(self, kind: str, status: str, began: float) -> None:
+        self.metrics.requests.labels(kind, status).inc()
+        self.metrics.latency.labels(kind).observe(time.perf_counter() - began)
+
+    # ---- inference sessions ------------------------------------------------------------------------------
+    async def session_socket(self, request: web.Request) -> web.WebSocketResponse:
+        socket_ = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + 64 * 1024, heartbeat=30.0)
+        await socket_.prepare(request)
+        owner = next(self._owners)
+        try:
+            async for message in socket_:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    reply = await self._session_message(owner, message.data)
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    reply = wire.encode(ProtocolError("bad_request", "send binary frames, not text").to_header())
+                else:
+                    break
+                await socket_.send_bytes(reply)
+        finally:
+            freed = self.sessions.close_owner(owner)
+            if freed:
+                log.info("connection %d closed, freed %d session(s)", owner, freed)
+            self._update_session_gauges()
+        return socket_
+
+    async def _session_message(self, owner: int, data: bytes) -> bytes:
+        began = time.perf_counter()
+        kind = "session"
+        try:
+            frame = wire.decode(data, self.wire_limits)
+            req = wire.parse_request(frame, ("open", "step", "close"))
+            kind = req.kind
+            if isinstance(req, wire.OpenRequest):
+                reply = self._open(owner, req)
+            elif isinstance(req, wire.StepRequest):
+                reply = await self._step(owner, req, frame.tensors)
+            else:
+                self.sessions.close(owner, req.session)
+                reply = wire.encode({"kind": "closed", "session": req.session, "request_id": req.request_id})
+            self._count(kind, "ok", began)
+            return reply
+        except ProtocolError as error:
+            self._count(kind, error.code, began)
+            return wire.encode({**error.to_header(), "request_id": _request_id(data)})
+        except Exception as error:
+            log.exception("%s failed", kind)
+            self._count(kind, "internal", began)
+            return wire.encode(ProtocolError("internal", f"{type(error).__name__}: {error}").to_header())
+        finally:
+            self._update_session_gauges()
+
+    def _open(self, owner: int, req: wire.OpenRequest) -> bytes:
+        if self.state != "online":
+            raise ProtocolError("overloaded", f"the server is {self.state}, not taking new sessions")
+        self._check_span(req.start, req.end)
+        session = self.sessions.open(
+            owner, req.start, req.end, req.batch_size, req.max_length, req.wire_dtype,
+            self.span.new_cache(req.start, req.end),
+        )
+        return wire.encode({"kind": "opened", "session": session.id, "request_id": req.request_id})
+
+    async def _step(self, owner: int, req: wire.StepRequest, tensors: dict[str, torch.Tensor]) -> bytes:
+        session = self.sessions.get(owner, req.session)
+        hidden, mask, positions = self._inputs(
+            tensors, session.batch_size, session.position, session.max_length - session.position
+        )
+        out_dtype = DTYPES[session.wire_dtype]
+
+        def run() -> torch.Tensor:
+            return self.span.forward(hidden, mask, positions, session.cache, session.start, session.end).to(out_dtype)
+
+        try:
+            output = await self.pool.submit(PRIORITY_INFERENCE, run)
+        except Exception:
+            self._drop_broken(session)
+            raise
+        session.position += hidden.shape[1]
+        self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])
+        return wire.encode({"kind": "output", "session": session.id, "request_id": req.request_id}, {"hidden": output})
+
+    def _drop_broken(self, session: Session) -> None:
+        """A step that failed inside the model may have half-written the cache: end the session."""
+        try:
+            self.sessions.close(session.owner, session.id)
+        except ProtocolError:
+            pass
+
+    def _update_session_gauges(self) -> None:
+        self.metrics.active_sessions.set(len(self.sessions))
+        self.metrics.kv_cache_used.set(self.sessions.reserved_bytes)
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.limits.session_idle_timeout / 2))
+            expired = self.sessions.expire()
+            if expired:
+                log.info("expired idle sessions %s", expired)
+                self._update_session_gauges()
+
+    # ---- route map ---------------------------------------------------------------------------------------
+    async def _announce(self, http: aiohttp.ClientSession) -> None:
+        announcement = Announcement(model=self.model_info(), server=self.record(), ttl=HEARTBEAT_SECONDS * 5)
+        async with http.post(f"{self.options.swarm}/v1/servers", json=announcement.model_dump()) as response:
+            if response.status >= 400:
+                log.warning("route map refused the announcement: %s %s", response.status, await response.text())
+
+    async def _announce_forever(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            while True:
+                try:
+                    await self._announce(http)
+                except (TimeoutError, aiohttp.ClientError, OSError) as error:
+                    log.warning("cannot reach the route map at %s: %s", self.options.swarm, error)
+                await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _leave(self) -> None:
+        self.state = "draining"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
+                async with http.delete(f"{self.options.swarm}/v1/servers/{self.id}"):
+                    pass
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+
+
+def _request_id(data: bytes) -> int | None:
+    try:
+        value = wire.decode(data).header.get("request_id")
+    except ProtocolError:
+        return None
+    return value if isinstance(value, int) else None
+
+
+async def serve(server: BlockServer, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    """Run the server until cancelled."""
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_port = runner.addresses[0][1]
+    if not server.url:
+        server.url = f"http://{host}:{bound_port}"
+    server.state = "online"
+    server.start_announcing()
+    print(f"llmswarm-node {server.id} serving blocks [{server.span.start}, {server.span.end}) at {server.url}",
+          flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,112 @@
+"""Inference sessions of one server: their attention caches, budget and expiry.
+
+A session belongs to the connection that opened it: another connection naming its id
+gets "not found", and closing the connection frees every session it opened. Each
+session reserves its worst-case attention-cache size (batch x max_length tokens) at
+open, so the budget is checked once, up front, and a step can never run out of room.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmswarm.wire import ProtocolError
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Every bound the server enforces; exceeding one is refused, never an out-of-memory crash."""
+
+    max_sessions: int = 128
+    max_length: int = 8192  # tokens per session (past + new)
+    max_batch: int = 64
+    max_tokens_per_request: int = 8192  # batch x new tokens in one step or forward
+    max_message_bytes: int = 64 * 1024 * 1024
+    kv_cache_bytes: int = 2 * 1024**3
+    session_idle_timeout: float = 300.0  # seconds without a step before the cache is freed
+
+
+@dataclass
+class Session:
+    id: int
+    owner: int
+    start: int
+    end: int
+    max_length: int
+    batch_size: int
+    wire_dtype: str
+    cache: Any
+    reserved_bytes: int
+    position: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionTable:
+    def __init__(self, limits: ServerLimits, kv_bytes_per_token_block: int) -> None:
+        self.limits = limits
+        self.kv_bytes_per_token_block = kv_bytes_per_token_block
+        self._sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(s.reserved_bytes for s in self._sessions.values())
+
+    def reservation(self, start: int, end: int, batch_size: int, max_length: int) -> int:
+        return batch_size * max_length * (end - start) * self.kv_bytes_per_token_block
+
+    def tokens_left(self, num_blocks: int) -> int:
+        """How many more cache tokens (for a full-span session of batch 1) fit in the budget."""
+        free = self.limits.kv_cache_bytes - self.reserved_bytes
+        return max(0, free // max(1, num_blocks * self.kv_bytes_per_token_block))
+
+    def open(self, owner: int, start: int, end: int, batch_size: int, max_length: int, wire_dtype: str,
+             cache: Any) -> Session:
+        limits = self.limits
+        if max_length > limits.max_length:
+            raise ProtocolError("too_large", f"max_length {max_length} exceeds this server's limit {limits.max_length}")
+        if batch_size > limits.max_batch:
+            raise ProtocolError("too_large", f"batch_size {batch_size} exceeds this server's limit {limits.max_batch}")
+        if len(self._sessions) >= limits.max_sessions:
+            raise ProtocolError("overloaded", f"{len(self._sessions)} sessions open, the limit is {limits.max_sessions}")
+        need = self.reservation(start, end, batch_size, max_length)
+        free = limits.kv_cache_bytes - self.reserved_bytes
+        if need > limits.kv_cache_bytes:
+            raise ProtocolError(
+                "too_large", f"the session needs {need} cache bytes, more than this server's whole budget {limits.kv_cache_bytes}"
+            )
+        if need > free:
+            raise ProtocolError("overloaded", f"the session needs {need} cache bytes, {free} are free")
+        session = Session(next(self._ids), owner, start, end, max_length, batch_size, wire_dtype, cache, need)
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, owner: int, session_id: int) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise ProtocolError("not_found", f"no session {session_id} on this connection")
+        session.last_used = time.monotonic()
+        return session
+
+    def close(self, owner: int, session_id: int) -> None:
+        self.get(owner, session_id)
+        del self._sessions[session_id]
+
+    def close_owner(self, owner: int) -> int:
+        doomed = [sid for sid, s in self._sessions.items() if s.owner == owner]
+        for sid in doomed:
+            del self._sessions[sid]
+        return len(doomed)
+
+    def expire(self, now: float | None = None) -> list[int]:
+        now = time.monotonic() if now is None else now
+        doomed = [sid for sid, s in self._sessions.items() if now - s.last_used > self.limits.session_idle_timeout]
+        for sid in doomed:
+            del self._sessions[sid]
+        return doomed

@@ -1,0 +1,189 @@
+"""The local substrate: a route-map service plus block servers as local processes.
+
+``llmswarm up`` and the integration tests use :class:`LocalSwarm`. Spans come from the
+same placement function the Kubernetes operator uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from aiohttp import web
+from tqdm.auto import tqdm
+
+from llmswarm.routemap import ModelInfo, RouteMap
+from llmswarm.source import resolve
+from llmswarm_operator.placement import Span, place_spans
+from llmswarm_operator.routemap_service import RouteMapService
+
+
+class LocalSwarmError(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalSwarmOptions:
+    model: str = "smollm2"
+    servers: int | None = 3
+    redundancy: int = 1
+    blocks_per_server: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8700  # route map; 0 picks a free port
+    dtype: str = "float32"
+    threads: int = 0  # torch threads per server (0: torch's default)
+    server_args: list[str] = field(default_factory=list)  # extra `llmswarm serve` arguments
+    log_dir: Path | None = None
+    start_timeout: float = 300.0
+    progress: bool = True
+
+
+class _RouteMapThread:
+    """The route-map service on its own event loop in a background thread."""
+
+    def __init__(self, host: str, port: int, model: ModelInfo) -> None:
+        self.service = RouteMapService(model)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, args=(host, port), name="routemap", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise LocalSwarmError(f"route map cannot listen on {host}:{port}: {self._error}") from self._error
+
+    def _run(self, host: str, port: int) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main(host, port))
+
+    async def _main(self, host: str, port: int) -> None:
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(self.service.app(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as error:
+            self._error = error
+            self._ready.set()
+            await runner.cleanup()
+            return
+        self.port = runner.addresses[0][1]
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+class LocalSwarm:
+    """Start with ``with LocalSwarm(options) as swarm: swarm.url``."""
+
+    def __init__(self, options: LocalSwarmOptions | None = None) -> None:
+        self.options = options or LocalSwarmOptions()
+        self.spans: list[Span] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.log_files: list[Path] = []
+        self._routemap: _RouteMapThread | None = None
+        self.url = ""
+
+    def start(self) -> LocalSwarm:
+        o = self.options
+        source = resolve(o.model, progress=o.progress)  # convert once here, not in every server
+        self.spans = place_spans(source.num_blocks, o.servers, o.redundancy, o.blocks_per_server)
+        model = ModelInfo(name=source.name, num_blocks=source.num_blocks, hidden_size=int(source.config.hidden_size))
+        self._routemap = _RouteMapThread(o.host, o.port, model)
+        self.url = f"http://{o.host}:{self._routemap.port}"
+        log_dir = o.log_dir or Path(tempfile.mkdtemp(prefix="llmswarm-logs-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for index, span in enumerate(self.spans):
+            self.start_server(span, log_dir / f"server-{index}-{span.start}-{span.end}.log", f"local-{index}")
+        self.wait_online(len(self.spans))
+        return self
+
+    def start_server(self, span: Span, log_file: Path, server_id: str) -> subprocess.Popen[bytes]:
+        o = self.options
+        command = [
+            sys.executable, "-m", "llmswarm_node.main", "--model", o.model, "--blocks", str(span),
+            "--host", o.host, "--port", "0", "--swarm", self.url, "--server-id", server_id,
+            "--dtype", o.dtype, "--quiet", *o.server_args,
+        ]
+        if o.threads:
+            command += ["--threads", str(o.threads)]
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+               "TOKENIZERS_PARALLELISM": "false"}
+        with open(log_file, "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)
+        self.processes.append(process)
+        self.log_files.append(log_file)
+        return process
+
+    def routes(self) -> RouteMap:
+        assert self._routemap is not None
+        return self._routemap.service.table.snapshot()
+
+    def wait_online(self, count: int) -> None:
+        deadline = time.monotonic() + self.options.start_timeout
+        with tqdm(total=count, desc="block servers online", unit="server", disable=not self.options.progress) as bar:
+            while True:
+                online = sum(1 for s in self.routes().servers if s.state == "online")
+                bar.update(online - bar.n)
+                if online >= count:
+                    return
+                for process, log in zip(self.processes, self.log_files, strict=True):
+                    if process.poll() is not None:
+                        tail = log.read_text(errors="replace")[-2000:]
+                        self.stop()
+                        raise LocalSwarmError(f"a block server exited with {process.returncode}; its log ({log}):\n{tail}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise LocalSwarmError(f"only {online} of {count} servers online after {self.options.start_timeout} s")
+                time.sleep(0.2)
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        self.processes[index].send_signal(sig)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._routemap is not None:
+            self._routemap.stop()
+            self._routemap = None
+
+    def __enter__(self) -> LocalSwarm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_routes(url: str, timeout: float = 10.0) -> RouteMap:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return RouteMap.model_validate_json(requests.get(f"{url}/v1/routes", timeout=2).content)
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

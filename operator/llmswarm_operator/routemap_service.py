@@ -1,0 +1,99 @@
+"""The route-map service: servers announce themselves, clients read the map.
+
+  GET    /v1/routes          the current map (RouteMap JSON)
+  POST   /v1/servers         announce or heartbeat (Announcement JSON)
+  DELETE /v1/servers/{id}    leave the map
+  GET    /healthz, /metrics
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from pydantic import ValidationError
+
+from llmswarm.routemap import STATES, Announcement, ModelInfo
+from llmswarm_operator.routetable import ModelMismatch, RouteTable
+
+log = logging.getLogger("llmswarm.routemap")
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class RouteMapService:
+    def __init__(self, model: ModelInfo | None = None, expiry_interval: float = 1.0) -> None:
+        self.table = RouteTable(model)
+        self.expiry_interval = expiry_interval
+        self.registry = CollectorRegistry()
+        self._version = Gauge("llmswarm_routemap_version", "Version of the published route map", registry=self.registry)
+        self._servers = Gauge("llmswarm_routemap_servers", "Servers in the route map, by state", ["state"],
+                              registry=self.registry)
+        self._min_replicas = Gauge("llmswarm_routemap_min_replicas", "Fewest online servers covering any block",
+                                   registry=self.registry)
+        self._uncovered = Gauge("llmswarm_routemap_uncovered_blocks", "Blocks no online server covers",
+                                registry=self.registry)
+        self._block_replicas = Gauge("llmswarm_block_replicas", "Online servers covering each block", ["block"],
+                                     registry=self.registry)
+        self._expiry: asyncio.Task[None] | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_get("/v1/routes", self.routes)
+        app.router.add_post("/v1/servers", self.announce)
+        app.router.add_delete("/v1/servers/{server_id}", self.leave)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self._expiry = asyncio.create_task(self._expire_forever())
+
+    async def _stop(self, app: web.Application) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.expiry_interval)
+            gone = self.table.expire()
+            if gone:
+                log.info("servers %s missed their heartbeats and left the map", gone)
+
+    async def routes(self, request: web.Request) -> web.Response:
+        return web.json_response(self.table.snapshot().model_dump())
+
+    async def announce(self, request: web.Request) -> web.Response:
+        try:
+            announcement = Announcement.model_validate_json(await request.read())
+            self.table.announce(announcement)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            return web.json_response({"error": f"bad announcement: {where}: {first.get('msg')}"}, status=400)
+        except ModelMismatch as error:
+            return web.json_response({"error": str(error)}, status=409)
+        return web.json_response({"version": self.table.version})
+
+    async def leave(self, request: web.Request) -> web.Response:
+        removed = self.table.remove(request.match_info["server_id"])
+        return web.json_response({"removed": removed, "version": self.table.version}, status=200 if removed else 404)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        snapshot = self.table.snapshot()
+        self._version.set(snapshot.version)
+        for state in STATES:
+            self._servers.labels(state).set(sum(1 for s in snapshot.servers if s.state == state))
+        coverage = snapshot.coverage()
+        self._min_replicas.set(min(coverage, default=0))
+        self._uncovered.set(sum(1 for c in coverage if c == 0))
+        for block, count in enumerate(coverage):
+            self._block_replicas.labels(str(block)).set(count)
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,174 @@
+"""Generation through a real 3-server swarm equals local transformers, token for token."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+from tests.conftest import chat_ids
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why they are prime.",
+]
+
+
+def local_greedy(local, ids, attention_mask=None, max_new_tokens=64):
+    with torch.no_grad():
+        return local.generate(ids, attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
+                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+
+
+def swarm_greedy(model, ids, attention_mask=None, max_new_tokens=64):
+    return model.generate(ids, attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
+                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+
+
+def test_route_map_lists_three_online_servers(swarm3):
+    routes = swarm3.routes()
+    assert routes.model.num_blocks == 30
+    assert sorted((s.start, s.end) for s in routes.servers) == [(0, 10), (10, 20), (20, 30)]
+    assert all(s.state == "online" and s.throughput > 0 for s in routes.servers)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_64_tokens_equal_local(model3, local_smollm2, prompt):
+    ids = chat_ids(model3.tokenizer, prompt)
+    expected = local_greedy(local_smollm2, ids)
+    got = swarm_greedy(model3, ids)
+    assert got.tolist() == expected.tolist()
+
+
+def test_known_answer(model3):
+    ids = chat_ids(model3.tokenizer, "What is the capital of France?")
+    out = swarm_greedy(model3, ids, max_new_tokens=12)
+    assert "The capital of France is Paris." in model3.tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_batched_generation_with_left_padding_equals_local(model3, local_smollm2):
+    tokenizer = model3.tokenizer
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in PROMPTS]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any(), "the prompts should need padding"
+    expected = local_greedy(local_smollm2, batch["input_ids"], batch["attention_mask"], max_new_tokens=32)
+    got = swarm_greedy(model3, batch["input_ids"], batch["attention_mask"], max_new_tokens=32)
+    assert got.tolist() == expected.tolist()
+
+
+def test_forward_logits_match_local(model3, local_smollm2):
+    ids = chat_ids(model3.tokenizer, PROMPTS[2])
+    with torch.no_grad():
+        expected = local_smollm2(ids).logits
+        got = model3(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_with_padding_and_labels(model3, local_smollm2):
+    tokenizer = model3.tokenizer
+    tokenizer.padding_side = "right"
+    batch = tokenizer(["The sea is", "A much longer sentence about the sea and the sky"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = local_smollm2(**batch).logits
+        got = model3(**batch, labels=batch["input_ids"])
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(got.logits[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    assert got.loss is not None and torch.isfinite(got.loss)
+
+
+def test_512_token_prompt(model3, local_smollm2):
+    text = " ".join(f"Item {i} is a fruit." for i in range(200))
+    ids = model3.tokenizer(text, return_tensors="pt")["input_ids"][:, :512]
+    assert ids.shape[1] == 512
+    expected = local_greedy(local_smollm2, ids, max_new_tokens=8)
+    got = swarm_greedy(model3, ids, max_new_tokens=8)
+    assert got.tolist() == expected.tolist()
+
+
+def test_sampling_with_seed_equals_local(model3, local_smollm2):
+    ids = chat_ids(model3.tokenizer, "Tell me a story about a cat.")
+    settings = dict(max_new_tokens=24, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1,
+                    pad_token_id=0, attention_mask=torch.ones_like(ids))
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        expected = local_smollm2.generate(ids, **settings)
+    torch.manual_seed(1234)
+    got = model3.generate(ids, **settings)
+    assert got.tolist() == expected.tolist()
+
+
+def test_stop_strings_and_streamer(model3):
+    tokenizer = model3.tokenizer
+    ids = chat_ids(tokenizer, "What is the capital of France?")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = {}
+
+    def run():
+        result["out"] = model3.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                        stop_strings=["France"], tokenizer=tokenizer, streamer=streamer, pad_token_id=0)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    text = tokenizer.decode(result["out"][0, ids.shape[1]:], skip_special_tokens=True)
+    assert text.endswith("France")
+    assert "".join(pieces).strip() == text.strip()
+    assert len(pieces) > 1
+
+
+def test_inference_session_step_by_step(model3, local_smollm2):
+    """Manual decoding with inference_session() matches local greedy decoding."""
+    ids = chat_ids(model3.tokenizer, PROMPTS[2])
+    expected = local_greedy(local_smollm2, ids, max_new_tokens=10)[0, ids.shape[1]:].tolist()
+    assert len(expected) == 10
+    tokens = []
+    with model3.inference_session(max_length=ids.shape[1] + 10) as session, torch.no_grad():
+        hidden = session.step(model3.embed_inputs(ids))
+        for _ in range(10):
+            token = model3.lm_head(model3.final_norm(hidden[:, -1:])).argmax(-1)
+            tokens.append(int(token))
+            hidden = session.step(model3.embed_inputs(token))
+    assert tokens == expected
+
+
+def test_generate_continues_an_open_session(model3, local_smollm2):
+    ids = chat_ids(model3.tokenizer, PROMPTS[1])
+    expected = local_greedy(local_smollm2, ids, max_new_tokens=16)
+    with model3.inference_session(max_length=ids.shape[1] + 16) as session:
+        first = swarm_greedy(model3, ids, max_new_tokens=8)
+        assert session.position == ids.shape[1] + 7
+        second = swarm_greedy(model3, first, max_new_tokens=8)
+    assert second.tolist() == expected.tolist()
+
+
+def test_eight_concurrent_clients_get_their_local_outputs(swarm3, local_smollm2):
+    from llmswarm import DistributedModelForCausalLM
+
+    prompts = [f"Name a famous {thing}." for thing in ("painter", "river", "city", "poet", "planet", "bird", "ship", "tree")]
+    model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm3.url, progress=False)
+    inputs = [chat_ids(model.tokenizer, p) for p in prompts]
+    expected = [local_greedy(local_smollm2, ids, max_new_tokens=24).tolist() for ids in inputs]
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def client(index: int) -> None:
+        try:
+            results[index] = swarm_greedy(model, inputs[index], max_new_tokens=24).tolist()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert [results[i] for i in range(8)] == expected
