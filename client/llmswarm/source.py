@@ -24,12 +24,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from llmswarm.arch import Architecture, architecture_of
 
@@ -133,6 +135,22 @@ class ModelDir:
         """Every weight outside the blocks (embeddings, final norm, LM head), with checkpoint keys."""
         keys = {key: key for key in self._files if self.arch.block_key(key) is None}
         return self._read(keys, dtype)
+
+
+def load_state(model_class: type[PreTrainedModel], config: PretrainedConfig, state: dict[str, torch.Tensor],
+               dtype: torch.dtype) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Build `model_class` from `config` and a state dict with transformers' own loader.
+
+    The loader applies the architecture's checkpoint conversions (e.g. Mixtral's per-expert
+    weights fused into one tensor) and weight tying exactly as ``from_pretrained`` does.
+    Returns the model and its loading info (missing / unexpected / mismatched keys).
+    """
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # keys we leave out on purpose are not news
+    try:
+        return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _fingerprint(path: Path) -> str:

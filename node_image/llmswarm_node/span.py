@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, DynamicCache, PretrainedConfig
-from transformers.initialization import no_init_weights
 
 from llmswarm.arch import Architecture, span_config
-from llmswarm.source import ModelDir
+from llmswarm.source import ModelDir, load_state
 
 
 class SpanModel:
@@ -45,26 +44,31 @@ class SpanModel:
         self.arch: Architecture = source.arch
         self.config: PretrainedConfig = span_config(source.config, start, end)
         self.hidden_size = int(source.config.hidden_size)
-        self.base = self._build_base(self.config, dtype)
-        layers = self.layers(self.base)
-        for i, layer in enumerate(tqdm(layers, desc=f"loading blocks {start}:{end}", unit="block", disable=not progress)):
-            state = source.block_state(start + i, dtype=dtype)
-            missing, unexpected = layer.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.endswith(_NON_PERSISTENT_SUFFIXES)]
-            if missing or unexpected:
-                raise ValueError(
-                    f"block {start + i} does not match the architecture: missing {missing}, unexpected {unexpected}"
-                )
+        self.base = self._load_base(progress)
         self.base.eval().requires_grad_(False)
         self._accepts_position_ids = "position_ids" in inspect.signature(self.base.forward).parameters
         self._views: dict[tuple[int, int], nn.Module] = {(start, end): self.base}
 
-    def _build_base(self, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
-        shell_config = copy.deepcopy(config)
+    def _load_base(self, progress: bool) -> nn.Module:
+        """Read only the span's blocks and load them with transformers' own loader."""
+        state: dict[str, torch.Tensor] = {}
+        blocks = range(self.start, self.end)
+        for block in tqdm(blocks, desc=f"reading blocks {self.start}:{self.end}", unit="block", disable=not progress):
+            for key, tensor in self.source.block_state(block, dtype=self.dtype).items():
+                state[f"{self.arch.layers}.{block - self.start}.{key}"] = tensor
+        shell_config = copy.deepcopy(self.config)
         shell_config.vocab_size = 1  # the server never embeds tokens
         shell_config.pad_token_id = None
-        with no_init_weights():
-            base = AutoModel.from_config(shell_config, dtype=dtype)
+        model_class = AutoModel._model_mapping[type(shell_config)]
+        base, info = load_state(model_class, shell_config, state, self.dtype)
+        del state
+        block_prefix = f"{self.arch.layers}."
+        missing = sorted(k for k in info["missing_keys"] if k.startswith(block_prefix) and not k.endswith(_NON_PERSISTENT_SUFFIXES))
+        if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+            raise ValueError(
+                f"blocks [{self.start}, {self.end}) do not match the architecture: missing {missing}, "
+                f"unexpected {sorted(info['unexpected_keys'])}, mismatched {sorted(info['mismatched_keys'])}"
+            )
         # Keep the config the model was built with: it carries the attention implementation
         # (sdpa, eager...) that the mask must be built for.
         setattr(base, self.arch.final_norm, nn.Identity())
