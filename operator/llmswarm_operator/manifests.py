@@ -1,0 +1,310 @@
+"""Pure builders of the objects a Swarm owns. No I/O: dicts in, dicts out.
+
+Per server: a Deployment (one replica running ``llmswarm serve --blocks START:END``) and
+a Service. Per swarm: the route-map ConfigMap, and the route-map service (Deployment +
+Service). Everything carries an owner reference to the Swarm and the
+``app.kubernetes.io/*`` labels; selectors use only labels that never change.
+
+A server's identity is its pool, its span and an ordinal among equal ones
+(``<swarm>-<pool>-<start>-<end>-<n>``): a new span is a new server, started next to the
+old one, which is drained only when the new one is ready.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from llmswarm.routemap import RouteMap
+from llmswarm_operator.model_catalog import ModelShape
+from llmswarm_operator.placement import BlockCost, Placement, Span
+from llmswarm_operator.settings import OperatorSettings, package_version
+from llmswarm_operator.swarm_spec import API_VERSION, KIND, PoolSpec, SwarmSpec
+
+Body = dict[str, Any]
+
+LABEL_SWARM = "llmswarm.dev/swarm"
+LABEL_SERVER = "llmswarm.dev/server"
+LABEL_POOL = "llmswarm.dev/pool"
+ANNOTATION_SPAN = "llmswarm.dev/span"
+ANNOTATION_DRAINING = "llmswarm.dev/draining-since"
+COMPONENT_SERVER = "block-server"
+COMPONENT_ROUTEMAP = "route-map"
+ROUTES_FILE = "routes.json"
+ROUTES_DIR = "/etc/llmswarm"
+CACHE_DIR = "/var/cache/llmswarm"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The Swarm that owns everything built here."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> Body:
+        return {
+            "apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
+            "controller": True, "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class DesiredServer:
+    name: str
+    pool: str
+    span: Span
+
+
+def server_name(swarm: str, pool: str, span: Span, ordinal: int) -> str:
+    return f"{swarm}-{pool}-{span.start}-{span.end}-{ordinal}"
+
+
+def routemap_name(swarm: str) -> str:
+    return f"{swarm}-routemap"
+
+
+def desired_servers(swarm: str, placement: Placement) -> list[DesiredServer]:
+    seen: Counter[tuple[str, Span]] = Counter()
+    out = []
+    for placed in placement.servers:
+        key = (placed.pool, placed.span)
+        out.append(DesiredServer(server_name(swarm, placed.pool, placed.span, seen[key]), placed.pool, placed.span))
+        seen[key] += 1
+    return out
+
+
+def selector_labels(swarm: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "llmswarm", "app.kubernetes.io/instance": swarm,
+            "app.kubernetes.io/component": component}
+
+
+def labels(swarm: str, component: str, **extra: str) -> dict[str, str]:
+    """Labels of an object; pods get :func:`pod_labels` (no version, so an operator upgrade restarts nothing)."""
+    return {**pod_labels(swarm, component, **extra), "app.kubernetes.io/version": package_version()}
+
+
+def pod_labels(swarm: str, component: str, **extra: str) -> dict[str, str]:
+    return {
+        **selector_labels(swarm, component),
+        "app.kubernetes.io/part-of": "llmswarm",
+        "app.kubernetes.io/managed-by": "llmswarm-operator",
+        LABEL_SWARM: swarm,
+        **extra,
+    }
+
+
+def _meta(owner: Owner, name: str, object_labels: dict[str, str], annotations: dict[str, str] | None = None) -> Body:
+    meta: Body = {"name": name, "namespace": owner.namespace, "labels": object_labels,
+                  "ownerReferences": [owner.reference()]}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def service_host(name: str, namespace: str, settings: OperatorSettings) -> str:
+    return f"{name}.{namespace}.{settings.cluster_domain}" if settings.cluster_domain else f"{name}.{namespace}"
+
+
+def server_url(owner: Owner, server: DesiredServer, spec: SwarmSpec, settings: OperatorSettings) -> str:
+    return f"http://{service_host(server.name, owner.namespace, settings)}:{spec.server.port}"
+
+
+def routemap_url(owner: Owner, spec: SwarmSpec, settings: OperatorSettings) -> str:
+    """Where pods in the cluster reach the route-map service."""
+    return f"http://{service_host(routemap_name(owner.name), owner.namespace, settings)}:{spec.route_map.port}"
+
+
+def public_routemap_url(owner: Owner, spec: SwarmSpec, settings: OperatorSettings) -> str:
+    """What clients should use: the external address if the spec gives one."""
+    external = spec.route_map.external_address
+    if external:
+        return external if "://" in external else f"http://{external}:{spec.route_map.port}"
+    return routemap_url(owner, spec, settings)
+
+
+def server_args(owner: Owner, spec: SwarmSpec, cost: BlockCost, server: DesiredServer, settings: OperatorSettings) -> list[str]:
+    model = spec.model
+    args = [
+        "serve",
+        "--model", model.source,
+        "--blocks", str(server.span),
+        "--host", "0.0.0.0",
+        "--port", str(spec.server.port),
+        "--public-url", server_url(owner, server, spec, settings),
+        "--swarm", routemap_url(owner, spec, settings),
+        "--server-id", server.name,
+        "--dtype", model.dtype,
+        "--quiet",
+    ]
+    if model.quantization != "none":
+        args += ["--quantization", model.quantization]
+    if cost.cache_bytes:
+        args += ["--kv-cache-bytes", str(cost.cache_bytes * len(server.span))]
+    return args + list(spec.server.extra_args)
+
+
+def _http_probe(path: str, period: int, failures: int) -> Body:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures,
+            "timeoutSeconds": 5}
+
+
+def server_deployment(
+    owner: Owner, spec: SwarmSpec, cost: BlockCost, server: DesiredServer, settings: OperatorSettings,
+) -> Body:
+    pool = _pool(spec, server.pool)
+    extra = {LABEL_SERVER: server.name, LABEL_POOL: server.pool}
+    match = {LABEL_SWARM: owner.name, LABEL_SERVER: server.name}
+    span = str(server.span)
+    container: Body = {
+        "name": "server",
+        "image": spec.image or settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["llmswarm"],
+        "args": server_args(owner, spec, cost, server, settings),
+        "ports": [{"name": "http", "containerPort": spec.server.port, "protocol": "TCP"}],
+        "env": [
+            {"name": "LLMSWARM_CACHE", "value": CACHE_DIR},
+            {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+            {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        ],
+        "resources": _resources(pool),
+        # Loading a span can take minutes: the startup probe covers it (up to 30 minutes).
+        "startupProbe": _http_probe("/healthz", 10, 180),
+        "livenessProbe": _http_probe("/healthz", 20, 3),
+        "readinessProbe": _http_probe("/readyz", 5, 2),
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+    }
+    pod_spec: Body = {
+        "containers": [container],
+        "volumes": [{"name": "cache", "emptyDir": {}}],
+        "terminationGracePeriodSeconds": 60,
+        "enableServiceLinks": False,
+    }
+    if pool.node_selector:
+        pod_spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, server.name, labels(owner.name, COMPONENT_SERVER, **extra), {ANNOTATION_SPAN: span}),
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 2,
+            "selector": {"matchLabels": match},
+            # A changed pod (image, resources) starts next to the old one, which keeps serving until then.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels(owner.name, COMPONENT_SERVER, **extra),
+                    "annotations": {
+                        ANNOTATION_SPAN: span,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(spec.server.port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def server_service(owner: Owner, spec: SwarmSpec, server: DesiredServer) -> Body:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(
+            owner, server.name,
+            labels(owner.name, COMPONENT_SERVER, **{LABEL_SERVER: server.name, LABEL_POOL: server.pool}),
+            {ANNOTATION_SPAN: str(server.span)},
+        ),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LABEL_SWARM: owner.name, LABEL_SERVER: server.name},
+            "ports": [{"name": "http", "port": spec.server.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def routemap_configmap(owner: Owner, routes: RouteMap) -> Body:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(owner, routemap_name(owner.name), labels(owner.name, COMPONENT_ROUTEMAP)),
+        "data": {ROUTES_FILE: routes.model_dump_json(indent=1)},
+    }
+
+
+def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSettings) -> Body:
+    name = routemap_name(owner.name)
+    port = spec.route_map.port
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, name, labels(owner.name, COMPONENT_ROUTEMAP)),
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 2,
+            "selector": {"matchLabels": {LABEL_SWARM: owner.name, "app.kubernetes.io/component": COMPONENT_ROUTEMAP}},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels(owner.name, COMPONENT_ROUTEMAP),
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                                    "prometheus.io/path": "/metrics"},
+                },
+                "spec": {
+                    "containers": [{
+                        "name": "routemap",
+                        "image": spec.image or settings.image,
+                        "imagePullPolicy": settings.image_pull_policy,
+                        "command": ["python", "-m", "llmswarm_operator.routemap_file"],
+                        "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--host", "0.0.0.0", "--port", str(port)],
+                        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+                        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+                        "readinessProbe": _http_probe("/healthz", 5, 3),
+                        "livenessProbe": _http_probe("/healthz", 20, 3),
+                        "volumeMounts": [{"name": "routes", "mountPath": ROUTES_DIR, "readOnly": True}],
+                    }],
+                    "volumes": [{"name": "routes", "configMap": {"name": name}}],
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+
+
+def routemap_service(owner: Owner, spec: SwarmSpec) -> Body:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, routemap_name(owner.name), labels(owner.name, COMPONENT_ROUTEMAP)),
+        "spec": {
+            "type": spec.route_map.service_type,
+            "selector": {LABEL_SWARM: owner.name, "app.kubernetes.io/component": COMPONENT_ROUTEMAP},
+            "ports": [{"name": "http", "port": spec.route_map.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _pool(spec: SwarmSpec, name: str) -> PoolSpec:
+    for pool in spec.pools:
+        if pool.name == name:
+            return pool
+    raise KeyError(name)
+
+
+def _resources(pool: PoolSpec) -> Body:
+    out: Body = {}
+    if pool.resources.requests:
+        out["requests"] = {k: str(v) for k, v in pool.resources.requests.items()}
+    if pool.resources.limits:
+        out["limits"] = {k: str(v) for k, v in pool.resources.limits.items()}
+    return out
+
+
+def model_info_fields(shape: ModelShape) -> dict[str, Any]:
+    return {"name": shape.name, "num_blocks": shape.num_blocks, "hidden_size": shape.hidden_size}

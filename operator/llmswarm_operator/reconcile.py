@@ -1,0 +1,186 @@
+"""One reconciliation of one Swarm: read what exists, decide with the pure planner, act, report.
+
+Handlers and the timer call :func:`reconcile`; it is idempotent (objects are applied by
+digest, see :mod:`llmswarm_operator.kubeapi`) and fast (a handful of API calls, no waiting).
+It returns the status to write and the events worth telling, and never writes the
+Swarm itself: the Kopf handler does that with ``patch.status``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmswarm.routemap import ModelInfo, RouteMap
+from llmswarm_operator import manifests as m
+from llmswarm_operator.kubeapi import KubeClient, apply
+from llmswarm_operator.placement import Span
+from llmswarm_operator.planner import ExistingServer, online_coverage, plan_servers, ready_servers, route_map
+from llmswarm_operator.settings import OperatorSettings
+from llmswarm_operator.status import Seen, find_condition, invalid_status, swarm_status
+from llmswarm_operator.swarm_spec import InvalidSpec, check_name, parse_spec, plan_placement
+
+Body = dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    status: Body
+    phase: str
+    invalid: str | None = None  # the reason the spec cannot be acted on
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    writes: dict[str, int] = field(default_factory=dict)  # "created Deployment" -> count
+
+    def count(self, what: str) -> None:
+        self.writes[what] = self.writes.get(what, 0) + 1
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)
+
+
+def _epoch(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _span(text: str | None) -> Span | None:
+    try:
+        start, end = (int(part) for part in str(text).split(":"))
+        return Span(start, end)
+    except ValueError:
+        return None
+
+
+def existing_servers(deployments: list[Body]) -> dict[str, ExistingServer]:
+    out = {}
+    for d in deployments:
+        meta = d.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get("app.kubernetes.io/component") != m.COMPONENT_SERVER:
+            continue
+        annotations = meta.get("annotations") or {}
+        span = _span(annotations.get(m.ANNOTATION_SPAN))
+        if span is None:
+            continue
+        out[meta["name"]] = ExistingServer(meta["name"], labels.get(m.LABEL_POOL, ""), span,
+                                           _epoch(annotations.get(m.ANNOTATION_DRAINING)))
+    return out
+
+
+def previous_route_map(configmap: Body | None) -> RouteMap | None:
+    if configmap is None:
+        return None
+    try:
+        return RouteMap.model_validate_json((configmap.get("data") or {}).get(m.ROUTES_FILE, ""))
+    except (ValidationError, ValueError):
+        return None
+
+
+async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[str, Any], now: float | None = None) -> Outcome:
+    now = time.time() if now is None else now
+    meta = body.get("metadata") or {}
+    name, namespace, uid = meta.get("name", ""), meta.get("namespace", ""), meta.get("uid", "")
+    generation = meta.get("generation")
+    previous = body.get("status") or {}
+    try:
+        check_name(name)
+        spec = parse_spec(body.get("spec"))
+        shape, cost, placement = plan_placement(spec)
+    except InvalidSpec as error:
+        outcome = Outcome(invalid_status(str(error), generation, previous), "Failed", invalid=str(error))
+        old = find_condition(previous, "Ready")
+        if old is None or old.get("reason") != "InvalidSpec" or old.get("message") != str(error):
+            outcome.events.append(("Warning", "InvalidSpec", str(error)))
+        return outcome
+    if not uid:
+        raise RuntimeError(f"Swarm {namespace}/{name} has no metadata.uid; owner references need one")
+
+    owner = m.Owner(name, namespace, uid)
+    desired = m.desired_servers(name, placement)
+    outcome = Outcome({}, "")
+
+    # ---- observe ----
+    selector = {m.LABEL_SWARM: name}
+    deployments = [d for d in await kube.list("Deployment", namespace, selector) if owned_by(d, uid)]
+    services = [s for s in await kube.list("Service", namespace, selector) if owned_by(s, uid)]
+    pods = await kube.list("Pod", namespace, selector)
+    configmap = await kube.get("ConfigMap", namespace, m.routemap_name(name))
+    existing = existing_servers(deployments)
+    ready = ready_servers(pods, m.LABEL_SERVER)
+    plan = plan_servers(desired, existing, ready, num_blocks=shape.num_blocks, redundancy=spec.redundancy,
+                        now=now, drain_seconds=settings.drain_seconds)
+
+    # ---- act: the route-map service first, then new servers, then old ones ----
+    for obj in (m.routemap_service(owner, spec), m.routemap_deployment(owner, spec, settings)):
+        await _apply(kube, obj, outcome)
+    for server in desired:
+        if await _apply(kube, m.server_deployment(owner, spec, cost, server, settings), outcome) == "created":
+            outcome.events.append(("Normal", "ServerCreated", f"server {server.name} for blocks [{server.span.start}, "
+                                   f"{server.span.end}) in pool {server.pool}"))
+        await _apply(kube, m.server_service(owner, spec, server), outcome)
+    for server_name in plan.drain:
+        await kube.patch("Deployment", namespace, server_name,
+                         {"metadata": {"annotations": {m.ANNOTATION_DRAINING: _iso(now)}}})
+        outcome.count("drained Deployment")
+        outcome.events.append(("Normal", "ServerDraining", f"server {server_name} is no longer needed: draining for "
+                               f"{settings.drain_seconds:g} s before removal"))
+    for server_name in plan.undrain:
+        await kube.patch("Deployment", namespace, server_name, {"metadata": {"annotations": {m.ANNOTATION_DRAINING: None}}})
+        outcome.count("undrained Deployment")
+    for server_name in plan.delete:
+        for kind in ("Deployment", "Service"):
+            if await kube.delete(kind, namespace, server_name):
+                outcome.count(f"deleted {kind}")
+        outcome.events.append(("Normal", "ServerRemoved", f"server {server_name} removed"))
+    keep = {e.name for e in plan.entries} | {m.routemap_name(name)}
+    for service in services:
+        service_name = service["metadata"]["name"]
+        if service_name not in keep and service_name not in plan.delete:
+            if await kube.delete("Service", namespace, service_name):
+                outcome.count("deleted Service")
+
+    # ---- publish the route map ----
+    model = ModelInfo(name=shape.name, num_blocks=shape.num_blocks, hidden_size=shape.hidden_size)
+    urls = {e.name: f"http://{m.service_host(e.name, namespace, settings)}:{spec.server.port}" for e in plan.entries}
+    routes = route_map(model, plan.entries, urls, spec.model.dtype, previous_route_map(configmap))
+    await _apply(kube, m.routemap_configmap(owner, routes), outcome)
+
+    # ---- report ----
+    seen = Seen(
+        redundancy=spec.redundancy, placement=placement, plan=plan,
+        online_coverage=online_coverage(shape.num_blocks, plan.entries), routemap_version=routes.version,
+        routemap_url=m.public_routemap_url(owner, spec, settings), routemap_configmap=m.routemap_name(name),
+        generation=generation,
+    )
+    outcome.status = swarm_status(seen, previous)
+    outcome.phase = outcome.status["phase"]
+    if not placement.feasible and (previous.get("placement") or {}).get("message") != placement.message:
+        outcome.events.append(("Warning", "PlacementInsufficient", placement.message))
+    return outcome
+
+
+async def _apply(kube: KubeClient, obj: Body, outcome: Outcome) -> str:
+    result = await apply(kube, obj)
+    if result != "unchanged":
+        outcome.count(f"{result} {obj['kind']}")
+    return result
+
+
+def summary(outcome: Outcome) -> str:
+    return json.dumps(outcome.writes, sort_keys=True) if outcome.writes else "no changes"

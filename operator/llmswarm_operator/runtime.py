@@ -1,0 +1,73 @@
+"""What one running operator holds: settings, the API client, metrics, one lock per Swarm.
+
+:meth:`Runtime.run` wraps :func:`~llmswarm_operator.reconcile.reconcile` with the lock (a
+timer tick and a change handler never act on the same Swarm at once), timing, metrics
+and error mapping; the Kopf handlers stay thin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from llmswarm_operator.kubeapi import ApiError, KubeClient
+from llmswarm_operator.operator_metrics import OperatorMetrics
+from llmswarm_operator.reconcile import Outcome, reconcile, summary
+from llmswarm_operator.settings import OperatorSettings
+
+log = logging.getLogger("llmswarm.operator")
+
+
+class ReconcileFailed(Exception):
+    """The API server could not be reached or refused a request; worth a retry."""
+
+
+class Runtime:
+    def __init__(self, settings: OperatorSettings | None = None, kube: KubeClient | None = None) -> None:
+        self.settings = settings or OperatorSettings.from_env()
+        self.kube = kube or KubeClient()
+        self.metrics = OperatorMetrics()
+        self.last_reconcile: dict[tuple[str, str], float] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def start(self) -> None:
+        if self.settings.metrics_port:
+            port = await self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            log.info("operator metrics on http://%s:%d/metrics", self.settings.metrics_host, port)
+
+    async def stop(self) -> None:
+        await self.metrics.stop()
+        await self.kube.close()
+
+    async def run(self, body: Mapping[str, Any], trigger: str, logger: logging.Logger | logging.LoggerAdapter[Any] = log) -> Outcome:
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        started = time.perf_counter()
+        async with lock:
+            try:
+                outcome = await reconcile(self.kube, self.settings, body)
+            except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as error:
+                kind = f"api_{error.status}" if isinstance(error, ApiError) else type(error).__name__
+                self.metrics.errors.labels(kind).inc()
+                self.metrics.reconciles.labels(trigger, "error").inc()
+                raise ReconcileFailed(f"{type(error).__name__}: {error}") from error
+            finally:
+                self.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
+        self.last_reconcile[key] = time.time()
+        self.metrics.reconciles.labels(trigger, "invalid" if outcome.invalid else "ok").inc()
+        self.metrics.observe_writes(outcome.writes)
+        self.metrics.observe_swarm(*key, outcome.status)
+        if outcome.writes:
+            logger.info("%s: phase %s; %s", trigger, outcome.phase, summary(outcome))
+        return outcome
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.metrics.forget(namespace, name)
+        self.last_reconcile.pop((namespace, name), None)
+        self._locks.pop((namespace, name), None)

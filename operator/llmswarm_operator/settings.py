@@ -1,0 +1,96 @@
+"""The operator's settings: one typed object, loaded once from ``LLMSWARM_OPERATOR_*`` variables.
+
+Every field maps one to one onto an environment variable (the field name in upper case
+with the prefix) and onto a value of the Helm chart. Loading fails fast with the name of
+the variable that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+PREFIX = "LLMSWARM_OPERATOR_"
+
+
+def package_version() -> str:
+    try:
+        return version("llmswarm")
+    except PackageNotFoundError:  # running from a source tree without metadata
+        return "0.0.0"
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    #: Image of block servers and of the route-map service, unless a Swarm sets ``spec.image``.
+    image: str = field(default_factory=lambda: f"ghcr.io/llmswarm/node:{package_version()}")
+    #: imagePullPolicy of the pods the operator creates.
+    image_pull_policy: str = "IfNotPresent"
+    #: Namespaces to watch, comma separated; empty: the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    #: Seconds between two level-based reconciliations of one Swarm (the timer).
+    reconcile_interval: float = 15.0
+    #: Seconds before a create/update/resume handler that is waiting for pods retries.
+    retry_delay: float = 10.0
+    #: Seconds an old server stays in the route map as ``draining`` before its workload is deleted.
+    drain_seconds: float = 30.0
+    #: Port of the operator's Prometheus metrics (``/metrics``); 0 disables them.
+    metrics_port: int = 9090
+    #: Address of the metrics listener.
+    metrics_host: str = "0.0.0.0"
+    #: Kopf's liveness endpoint, e.g. ``http://0.0.0.0:8080/healthz``; empty disables it.
+    liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
+    #: Name of the Kopf peering object (so that only one operator acts); empty: standalone.
+    peering: str = ""
+    #: Cluster DNS suffix used in the URLs of servers and of the route-map service.
+    cluster_domain: str = "svc.cluster.local"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            name = PREFIX + f.name.upper()
+            if name not in env:
+                continue
+            raw = env[name].strip()
+            try:
+                values[f.name] = _convert(f.name, f.type, raw)
+            except ValueError as error:
+                raise SettingsError(f"{name}={raw!r}: {error}") from None
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not self.image:
+            raise SettingsError(f"{PREFIX}IMAGE must not be empty")
+        if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+            raise SettingsError(f"{PREFIX}IMAGE_PULL_POLICY must be Always, IfNotPresent or Never")
+        for name in ("reconcile_interval", "retry_delay"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{PREFIX}{name.upper()} must be > 0")
+        if self.drain_seconds < 0:
+            raise SettingsError(f"{PREFIX}DRAIN_SECONDS must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"{PREFIX}METRICS_PORT must be a port number or 0")
+        if self.liveness_endpoint and not self.liveness_endpoint.startswith(("http://", "https://")):
+            raise SettingsError(f"{PREFIX}LIVENESS_ENDPOINT must be an http(s) URL or empty")
+
+
+def _convert(name: str, kind: object, raw: str) -> object:
+    kind_text = str(kind)
+    if kind_text == "float":
+        return float(raw)
+    if kind_text == "int":
+        return int(raw)
+    if kind_text.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
