@@ -112,6 +112,8 @@ def test_bad_forward_requests(swarm3):
 
 def test_probes_info_and_metrics(swarm3):
     server = first_server(swarm3)
+    with ws(server) as socket:
+        expect_error(call(socket, {"kind": "step", "session": 424242}, {"hidden": torch.zeros(1, 1, 576)}), "not_found", "no session")
     assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
     info = requests.get(f"{server.url}/info", timeout=10).json()
@@ -122,4 +124,4 @@ def test_probes_info_and_metrics(swarm3):
                  "llmswarm_active_sessions", "llmswarm_kv_cache_bytes_used", "llmswarm_kv_cache_bytes_limit",
                  "llmswarm_queue_depth", "llmswarm_throughput_tokens_per_second", "llmswarm_span_start", "llmswarm_span_end"):
         assert name in metrics, name
-    assert 'llmswarm_requests_total{kind="step",status="bad_request"}' in metrics
+    assert 'llmswarm_requests_total{kind="step",status="not_found"}' in metrics

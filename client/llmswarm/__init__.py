@@ -1,15 +1,29 @@
-"""llmswarm: run and fine-tune language models split across many block servers."""
+"""llmswarm: run and fine-tune language models split across many block servers.
 
-from llmswarm.model import DistributedModelForCausalLM, RemoteCache
-from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SwarmClient, SwarmError
+Names are imported lazily, so ``import llmswarm.cli`` (and the ``llmswarm`` command)
+does not load torch before it has set up the process environment.
+"""
 
-__all__ = [
-    "ClientConfig",
-    "DistributedModelForCausalLM",
-    "InferenceSession",
-    "RemoteCache",
-    "RemoteSequential",
-    "SwarmClient",
-    "SwarmError",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "DistributedModelForCausalLM": "llmswarm.model",
+    "RemoteCache": "llmswarm.model",
+    "ClientConfig": "llmswarm.remote",
+    "InferenceSession": "llmswarm.remote",
+    "RemoteSequential": "llmswarm.remote",
+    "SwarmClient": "llmswarm.remote",
+    "SwarmError": "llmswarm.remote",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'llmswarm' has no attribute {name!r}")

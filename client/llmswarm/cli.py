@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["up"]:
+        # The client shares the cores with the local servers: idle OpenMP threads must sleep,
+        # not spin. Set before torch (and its OpenMP runtime) is loaded.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if args.command == "up":
         args.servers_given = args.servers is not None

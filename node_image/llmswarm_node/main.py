@@ -35,7 +35,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm", help="route-map URL to announce this server to")
     parser.add_argument("--server-id", help="stable id in the route map (default: hostname + random suffix)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the blocks")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for prefill and bulk work (0: torch's default)")
+    parser.add_argument("--decode-threads", type=int, default=1,
+                        help="torch threads for decode steps of a few tokens (0: same as --threads)")
     parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
     parser.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per session")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
@@ -74,6 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         model_name=source.name, host=args.host, port=args.port, public_url=args.public_url,
         swarm=args.swarm.rstrip("/") if args.swarm else None, server_id=args.server_id, limits=limits,
+        threads=args.threads, decode_threads=args.decode_threads,
     )
     server = BlockServer(span, options)
     server.throughput = span.measure_throughput()

@@ -38,6 +38,7 @@ from llmswarm_node.taskpool import PRIORITY_FORWARD, PRIORITY_INFERENCE, TaskPoo
 log = logging.getLogger("llmswarm.node")
 
 HEARTBEAT_SECONDS = 2.0
+DECODE_TOKENS = 4  # a step this small is bound by reading weights: more threads only add wake-up latency
 
 
 def kv_bytes_per_token_block(span: SpanModel) -> int:
@@ -59,6 +60,8 @@ class ServerOptions:
     public_url: str | None = None
     swarm: str | None = None
     server_id: str | None = None
+    threads: int = 0  # torch threads for prefill and bulk work (0: torch's default)
+    decode_threads: int = 1  # torch threads for steps of at most DECODE_TOKENS tokens
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
@@ -76,6 +79,8 @@ class BlockServer:
         self.throughput = 0.0
         self.wire_limits = wire.WireLimits(max_tensor_bytes=self.limits.max_message_bytes)
         self._owners = itertools.count(1)
+        self._bulk_threads = options.threads or torch.get_num_threads()
+        self._threads_now = torch.get_num_threads()
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.span_start.set(span.start)
         self.metrics.span_end.set(span.end)
@@ -242,6 +247,13 @@ class BlockServer:
             return web.Response(body=wire.encode(failure.to_header()), status=500,
                                 content_type="application/octet-stream")
 
+    def _use_threads(self, tokens: int) -> None:
+        """On the compute thread: few threads for decode steps, all of them for prefill and bulk work."""
+        wanted = self.options.decode_threads if tokens <= DECODE_TOKENS and self.options.decode_threads else self._bulk_threads
+        if wanted != self._threads_now:
+            torch.set_num_threads(wanted)
+            self._threads_now = wanted
+
     def _count(self, kind: str, status: str, began: float) -> None:
         self.metrics.requests.labels(kind, status).inc()
         self.metrics.latency.labels(kind).observe(time.perf_counter() - began)
@@ -311,6 +323,7 @@ class BlockServer:
         out_dtype = DTYPES[session.wire_dtype]
 
         def run() -> torch.Tensor:
+            self._use_threads(hidden.shape[0] * hidden.shape[1])
             return self.span.forward(hidden, mask, positions, session.cache, session.start, session.end).to(out_dtype)
 
         try:
