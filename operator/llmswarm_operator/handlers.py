@@ -52,6 +52,7 @@ def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None
             memo.runtime = Runtime(OperatorSettings.from_env())
         settings.posting.level = logging.WARNING  # Events for warnings only; our own Events are posted explicitly
         settings.persistence.finalizer = "llmswarm.dev/finalizer"
+        settings.background.instant_exit_timeout = 0.5  # let a timer tick in flight finish when the operator stops
         await _runtime(memo).start()
 
     @kopf.on.cleanup(registry=registry)

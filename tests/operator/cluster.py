@@ -38,14 +38,14 @@ KUBECTL = Path(sys.prefix) / "bin" / "kubectl"
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
 BUILTINS = {
-    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS, shortnames={"ns"}),
-    "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=VERBS, shortnames={"po"}, subresources={"status"}),
-    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS, shortnames={"svc"}),
-    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS, shortnames={"cm"}),
-    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS, shortnames={"ev"}),
-    "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", namespaced=True, verbs=VERBS, shortnames={"deploy"},
+    "v1/namespaces": kmock.ResourceInfo(singular="namespace", kind="Namespace", namespaced=False, verbs=VERBS, shortnames={"ns"}),
+    "v1/pods": kmock.ResourceInfo(singular="pod", kind="Pod", namespaced=True, verbs=VERBS, shortnames={"po"}, subresources={"status"}),
+    "v1/services": kmock.ResourceInfo(singular="service", kind="Service", namespaced=True, verbs=VERBS, shortnames={"svc"}),
+    "v1/configmaps": kmock.ResourceInfo(singular="configmap", kind="ConfigMap", namespaced=True, verbs=VERBS, shortnames={"cm"}),
+    "v1/events": kmock.ResourceInfo(singular="event", kind="Event", namespaced=True, verbs=VERBS, shortnames={"ev"}),
+    "apps/v1/deployments": kmock.ResourceInfo(singular="deployment", kind="Deployment", namespaced=True, verbs=VERBS, shortnames={"deploy"},
                                               subresources={"status"}),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(singular="customresourcedefinition", 
         kind="CustomResourceDefinition", namespaced=False, verbs=VERBS, shortnames={"crd"}),
 }
 
