@@ -88,9 +88,12 @@ def manifest_hash(obj: Mapping[str, Any]) -> str:
 
 def _canonical(obj: Mapping[str, Any]) -> str:
     clean = json.loads(json.dumps(obj))
-    annotations = clean.get("metadata", {}).get("annotations", {})
+    meta = clean.get("metadata", {})
+    annotations = meta.get("annotations", {})
     annotations.pop(HASH_ANNOTATION, None)
     annotations.pop(APPLIED_ANNOTATION, None)
+    if "annotations" in meta and not annotations:
+        del meta["annotations"]
     return json.dumps(clean, sort_keys=True, separators=(",", ":"))
 
 

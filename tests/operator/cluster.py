@@ -45,7 +45,7 @@ BUILTINS = {
     "v1/events": kmock.ResourceInfo(singular="event", kind="Event", namespaced=True, verbs=VERBS, shortnames={"ev"}),
     "apps/v1/deployments": kmock.ResourceInfo(singular="deployment", kind="Deployment", namespaced=True, verbs=VERBS, shortnames={"deploy"},
                                               subresources={"status"}),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(singular="customresourcedefinition", 
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(singular="customresourcedefinition",
         kind="CustomResourceDefinition", namespaced=False, verbs=VERBS, shortnames={"crd"}),
 }
 

@@ -319,7 +319,7 @@ async def test_pools_too_small_are_reported_not_crashed(cluster: Cluster, operat
     doc["spec"]["redundancy"] = 2
     doc["spec"]["pools"][0].update({"gpuMemory": "768Mi", "reservedMemory": "512Mi", "minServers": 2, "maxServers": 2})
     expected = expected_servers(doc)
-    _, cost, placement = plan_placement(parse_spec(doc["spec"]))
+    _, _, placement = plan_placement(parse_spec(doc["spec"]))
     assert not placement.feasible and expected
     cluster.controllers.all_ready = True
     await apply_doc(cluster, doc)

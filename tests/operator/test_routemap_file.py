@@ -1,0 +1,107 @@
+"""The Kubernetes route-map service: the operator's file, enriched by the servers' announcements."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from llmswarm.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
+from llmswarm_operator.routemap_file import FileRouteMapService
+
+MODEL = ModelInfo(name="SmolLM2-135M-Instruct", num_blocks=30, hidden_size=576)
+
+
+def record(server_id: str, start: int, end: int, state: str) -> ServerRecord:
+    return ServerRecord(id=server_id, url=f"http://{server_id}:8701", start=start, end=end, state=state)  # type: ignore[arg-type]
+
+
+def write(path: Path, version: int, *servers: ServerRecord) -> None:
+    path.write_text(RouteMap(model=MODEL, version=version, servers=list(servers)).model_dump_json())
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    path = tmp_path / "routes.json"
+    write(path, 4, record("a", 0, 15, "online"), record("b", 15, 30, "joining"))
+    runner = web.AppRunner(FileRouteMapService(path, reload_interval=0.05).app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", path
+    finally:
+        await runner.cleanup()
+
+
+async def get_routes(http: aiohttp.ClientSession, url: str) -> RouteMap:
+    async with http.get(f"{url}/v1/routes") as response:
+        assert response.status == 200
+        return RouteMap.model_validate(await response.json())
+
+
+async def announce(http: aiohttp.ClientSession, url: str, server: ServerRecord, model: ModelInfo = MODEL) -> tuple[int, Any]:
+    body = Announcement(model=model, server=server, ttl=30).model_dump()
+    async with http.post(f"{url}/v1/servers", json=body) as response:
+        return response.status, await response.json()
+
+
+async def test_serves_the_file_and_merges_announcements(service: tuple[str, Path]) -> None:
+    url, path = service
+    async with aiohttp.ClientSession() as http:
+        first = await get_routes(http, url)
+        assert first.version == 4
+        assert [(s.id, s.state) for s in first.servers] == [("a", "online"), ("b", "joining")]
+
+        # b says it is online and measured its throughput: the map says so, with a new version.
+        status, answer = await announce(http, url, record("b", 15, 30, "online").model_copy(update={"throughput": 12.5}))
+        assert status == 200 and answer["listed"] is True
+        second = await get_routes(http, url)
+        assert {s.id: (s.state, s.throughput) for s in second.servers} == {"a": ("online", 0.0), "b": ("online", 12.5)}
+        assert second.version == 5
+
+        # A server the operator does not list is never published.
+        status, answer = await announce(http, url, record("rogue", 0, 30, "online"))
+        assert status == 200 and answer["listed"] is False
+        assert "rogue" not in {s.id for s in (await get_routes(http, url)).servers}
+
+        # Another model is refused.
+        status, _ = await announce(http, url, record("a", 0, 15, "online"), ModelInfo(name="other", num_blocks=30, hidden_size=576))
+        assert status == 409
+        async with http.post(f"{url}/v1/servers", json={"server": "nonsense"}) as response:
+            assert response.status == 400
+
+        # The operator drains a: draining in the file wins over a's own "online".
+        await announce(http, url, record("a", 0, 15, "online"))
+        write(path, 6, record("a", 0, 15, "draining"), record("b", 15, 30, "online"))
+
+        async def reloaded() -> RouteMap:
+            routes = await get_routes(http, url)
+            assert {s.id: s.state for s in routes.servers} == {"a": "draining", "b": "online"}
+            return routes
+        third = await eventually(reloaded)
+        assert third.version >= 6
+
+        # A broken file keeps the last good map.
+        path.write_text("{not json")
+        await asyncio.sleep(0.2)
+        assert {s.id for s in (await get_routes(http, url)).servers} == {"a", "b"}
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+        assert 'llmswarm_routemap_servers{state="draining"} 1.0' in text
+
+
+async def eventually(check: Any, timeout: float = 5.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await check()
+        except AssertionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
