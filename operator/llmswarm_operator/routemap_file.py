@@ -101,6 +101,8 @@ class FileRouteMapService:
                                    registry=self.registry)
         self._uncovered = Gauge("llmswarm_routemap_uncovered_blocks", "Blocks no online server covers",
                                 registry=self.registry)
+        self._block_replicas = Gauge("llmswarm_block_replicas", "Online servers covering each block", ["block"],
+                                     registry=self.registry)
 
     def reload(self) -> bool:
         """Read the file if it changed; keep the last good map if it is missing or broken."""
@@ -179,6 +181,8 @@ class FileRouteMapService:
         coverage = snapshot.coverage()
         self._min_replicas.set(min(coverage, default=0))
         self._uncovered.set(sum(1 for c in coverage if c == 0))
+        for block, count in enumerate(coverage):
+            self._block_replicas.labels(str(block)).set(count)
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -94,6 +94,8 @@ async def test_serves_the_file_and_merges_announcements(service: tuple[str, Path
         async with http.get(f"{url}/metrics") as response:
             text = await response.text()
         assert 'llmswarm_routemap_servers{state="draining"} 1.0' in text
+        assert 'llmswarm_block_replicas{block="29"} 1.0' in text  # b; a is draining
+        assert 'llmswarm_routemap_min_replicas 0.0' in text
 
 
 async def eventually(check: Any, timeout: float = 5.0) -> Any:
