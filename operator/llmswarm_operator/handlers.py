@@ -38,6 +38,14 @@ def _runtime(memo: Any) -> Runtime:
     return runtime  # type: ignore[no-any-return]
 
 
+def _write_status(body: Any, patch: kopf.Patch, status: dict[str, Any]) -> None:
+    """Patch only the status fields that changed: an unchanged Swarm gets no write (and no watch event)."""
+    current = body.get("status") or {}
+    for key, value in status.items():
+        if current.get(key) != value:
+            patch.status[key] = value
+
+
 def _post(body: Any, outcome: Outcome) -> None:
     for kind, reason, message in outcome.events:
         kopf.event(body, type=kind, reason=reason, message=message[:1000])
@@ -82,7 +90,7 @@ def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None
             outcome = await runtime.run(body, str(reason), logger)
         except ReconcileFailed as error:
             raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
-        patch.status.update(outcome.status)
+        _write_status(body, patch, outcome.status)
         _post(body, outcome)
         if outcome.invalid:
             raise kopf.PermanentError(f"invalid spec: {outcome.invalid}")
@@ -99,7 +107,7 @@ def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None
             outcome = await runtime.run(body, "timer", logger)
         except ReconcileFailed as error:
             raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
-        patch.status.update(outcome.status)
+        _write_status(body, patch, outcome.status)
         _post(body, outcome)
 
     @kopf.on.event(*RESOURCE, registry=registry)

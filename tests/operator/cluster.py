@@ -5,8 +5,10 @@ A real cluster also runs controllers and fills server-side metadata; what the op
 behaviour depends on is added here, and nothing else (see docs/testing.md):
 
 - :class:`ClusterEmulator` fills ``metadata.uid``, ``creationTimestamp``, ``generation``
-  (bumped when ``spec`` changes) and ``resourceVersion`` on writes, and keeps ``status``
-  and the rest apart as the status subresource does on a real server;
+  (bumped when ``spec`` changes) and ``resourceVersion`` on writes, keeps ``status``
+  and the rest apart as the status subresource does on a real server, and answers 422
+  to a JSON patch whose ``test`` fails (Kopf tests ``resourceVersion`` when it removes
+  its finalizer; the emulator answers 500, which Kopf retries for half a minute);
 - :class:`FakeControllers` plays the Deployment controller (one pod per replica, labelled
   from the pod template, owned by the Deployment), the kubelet (pods start not ready; a
   test marks them ready) and the garbage collector (objects whose owners are all gone
@@ -28,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonpatch
 import kmock
 import yaml
+from kmock import KubernetesError
 from kmock._internal import dicts as kmock_dicts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +91,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:  # type: ignore[override]
         data = request.data
+        if request.resource is not None and isinstance(data, list) and request.action == kmock.action.UPDATE:
+            self._check_json_patch(request, data)
         if request.resource is not None and isinstance(data, dict):
             if request.action == kmock.action.CREATE:
                 meta = data.setdefault("metadata", {})
@@ -99,6 +105,16 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             elif request.action == kmock.action.UPDATE and request.name is not None:
                 self._prepare_update(request, data)
         return await super()._handle(request)
+
+    def _check_json_patch(self, request: kmock.Request, patch: list[Any]) -> None:
+        """A JSON patch whose ``test`` fails is 422 Unprocessable Entity (the emulator answers 500)."""
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return
+        try:
+            jsonpatch.apply_patch(self.objects[key].last.raw, patch, in_place=False)
+        except jsonpatch.JsonPatchTestFailed as error:
+            raise KubernetesError(status=422, reason="Invalid", message=f"the server rejected our request: {error}") from None
 
     def _prepare_update(self, request: kmock.Request, data: dict[str, Any]) -> None:
         key = (request.resource, request.namespace, request.name)
