@@ -9,6 +9,7 @@ penalty, stop strings, streamers, padded batches). The attention cache it carrie
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +22,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llmswarm.arch import architecture_of
+from llmswarm.coalesce import Coalescer
 from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SwarmClient, SwarmError
 from llmswarm.source import ModelDir, load_state, resolve
 
@@ -83,12 +85,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.remote = RemoteSequential(client, config.num_hidden_layers)
         self.tokenizer = tokenizer
         self.generation_config = local.generation_config
-        self._session: InferenceSession | None = None
+        self._local_state = threading.local()  # the active session is per thread: one model serves many users
         base = getattr(local, self.arch.base)
         self.embed: nn.Module = getattr(base, self.arch.embed)
         self.embed_norm: nn.Module = getattr(base, self.arch.embed_norm) if self.arch.embed_norm else nn.Identity()
         self.final_norm: nn.Module = getattr(base, self.arch.final_norm)
         self.lm_head: nn.Module = local.lm_head
+        self._head = Coalescer(lambda hidden: self.lm_head(self.final_norm(hidden)))
+        self._generating = 0  # threads inside generate(): how many may share one LM-head pass
+        self._generating_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -127,16 +132,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
         """Open server-side caches for up to `max_length` tokens; generate() inside uses them."""
         session = InferenceSession(self.client, self.config.num_hidden_layers, max_length, batch_size)
-        outer, self._session = self._session, session
+        outer = self.active_session
+        self._local_state.session = session
         try:
             yield session
         finally:
-            self._session = outer
+            self._local_state.session = outer
             session.close()
 
     @property
     def active_session(self) -> InferenceSession | None:
-        return self._session
+        """The session opened by inference_session() in this thread, if any."""
+        return getattr(self._local_state, "session", None)
 
     # ---- forward -----------------------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -169,10 +176,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             hidden = session.step(hidden, attention_mask, position_ids)
         else:
             hidden = self.remote.forward(hidden, attention_mask, position_ids)
-        hidden = self.final_norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        if torch.is_grad_enabled():
+            logits = self.lm_head(self.final_norm(hidden))
+        else:
+            logits = self._head(hidden, companions=self._generating)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -196,7 +205,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise NotImplementedError("beam search is not supported through the swarm")
         if kwargs.get("cache") is not None or kwargs.get("use_cache") is False:
             return super().generate(inputs, generation_config, **kwargs)
-        session = session or self._session
+        session = session or self.active_session
         if session is not None:
             return super().generate(inputs, generation_config, cache=RemoteCache(session), **kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
@@ -206,5 +215,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
         max_length = ids.shape[1] + max_new if max_new else kwargs.get("max_length") or config.max_length
         batch = ids.shape[0] * int(kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
-        with self.inference_session(max_length=max_length, batch_size=batch) as opened:
+        with self._counted(), self.inference_session(max_length=max_length, batch_size=batch) as opened:
             return super().generate(inputs, generation_config, cache=RemoteCache(opened), **kwargs)
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        with self._generating_lock:
+            self._generating += 1
+        try:
+            yield
+        finally:
+            with self._generating_lock:
+                self._generating -= 1

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from llmswarm_node.scheduler import BatchOptions
 from llmswarm_node.sessions import ServerLimits
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -45,6 +46,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes)
     parser.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)
     parser.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout)
+    batching = BatchOptions()
+    parser.add_argument("--max-batch-rows", type=int, default=batching.max_batch_rows,
+                        help="rows (sessions x batch) in one batched decode pass")
+    parser.add_argument("--max-batch-tokens", type=int, default=batching.max_batch_tokens, help="tokens in one pass")
+    parser.add_argument("--batch-wait-ms", type=float, default=batching.batch_wait * 1000,
+                        help="how long a step may wait for companions to batch with")
+    parser.add_argument("--prefill-chunk", type=int, default=batching.prefill_chunk,
+                        help="long steps run this many tokens per pass, so decode steps of others keep flowing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -76,7 +85,11 @@ def run_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         model_name=source.name, host=args.host, port=args.port, public_url=args.public_url,
         swarm=args.swarm.rstrip("/") if args.swarm else None, server_id=args.server_id, limits=limits,
-        threads=args.threads, decode_threads=args.decode_threads,
+        batching=BatchOptions(
+            max_batch_rows=args.max_batch_rows, max_batch_tokens=args.max_batch_tokens,
+            batch_wait=args.batch_wait_ms / 1000, prefill_chunk=args.prefill_chunk,
+            threads=args.threads, decode_threads=args.decode_threads,
+        ),
     )
     server = BlockServer(span, options)
     server.throughput = span.measure_throughput()

@@ -32,6 +32,18 @@ class ServerMetrics:
             "llmswarm_throughput_tokens_per_second",
             "Inference tokens/s through the whole span, measured at start", registry=r,
         )
+        self.batch_size = Histogram(
+            "llmswarm_batch_size", "Rows (sessions x their batch) run together in one pass, by kind",
+            ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )
+        self.pass_tokens = Histogram(
+            "llmswarm_pass_tokens", "Tokens run through the span in one pass, by kind",
+            ["kind"], buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llmswarm_queue_wait_seconds", "Time from a request queued to its pass starting, by kind",
+            ["kind"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0), registry=r,
+        )
         self.span_start = Gauge("llmswarm_span_start", "First block served (inclusive)", registry=r)
         self.span_end = Gauge("llmswarm_span_end", "End of the span served (exclusive)", registry=r)
         self.info = Gauge(

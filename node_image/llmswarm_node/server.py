@@ -1,7 +1,8 @@
 """The block server: HTTP + WebSocket front end over one span of blocks.
 
 Layers, one job each: the handlers here decode and validate (wire.py, sessions.py),
-the compute runs on the task pool's thread (taskpool.py) through the span (span.py).
+the compute runs on the scheduler's thread (scheduler.py), batched across sessions (batching.py),
+through the span (span.py).
 
 Endpoints:
   GET  /healthz       the process is alive
@@ -31,14 +32,13 @@ from llmswarm import wire
 from llmswarm.routemap import Announcement, ModelInfo, ServerRecord, ServerState
 from llmswarm.wire import DTYPES, ProtocolError
 from llmswarm_node.metrics import ServerMetrics
+from llmswarm_node.scheduler import BatchOptions, Scheduler
 from llmswarm_node.sessions import ServerLimits, Session, SessionTable
 from llmswarm_node.span import SpanModel
-from llmswarm_node.taskpool import PRIORITY_FORWARD, PRIORITY_INFERENCE, TaskPool
 
 log = logging.getLogger("llmswarm.node")
 
 HEARTBEAT_SECONDS = 2.0
-DECODE_TOKENS = 4  # a step this small is bound by reading weights: more threads only add wake-up latency
 
 
 def kv_bytes_per_token_block(span: SpanModel) -> int:
@@ -60,9 +60,8 @@ class ServerOptions:
     public_url: str | None = None
     swarm: str | None = None
     server_id: str | None = None
-    threads: int = 0  # torch threads for prefill and bulk work (0: torch's default)
-    decode_threads: int = 1  # torch threads for steps of at most DECODE_TOKENS tokens
     limits: ServerLimits = field(default_factory=ServerLimits)
+    batching: BatchOptions = field(default_factory=BatchOptions)
 
 
 class BlockServer:
@@ -75,12 +74,10 @@ class BlockServer:
         self.state: ServerState = "joining"
         self.metrics = ServerMetrics()
         self.sessions = SessionTable(self.limits, kv_bytes_per_token_block(span))
-        self.pool = TaskPool()
+        self.scheduler = Scheduler(span, options.batching, self.metrics, lambda: len(self.sessions))
         self.throughput = 0.0
         self.wire_limits = wire.WireLimits(max_tensor_bytes=self.limits.max_message_bytes)
         self._owners = itertools.count(1)
-        self._bulk_threads = options.threads or torch.get_num_threads()
-        self._threads_now = torch.get_num_threads()
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.span_start.set(span.start)
         self.metrics.span_end.set(span.end)
@@ -114,7 +111,7 @@ class BlockServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.options.swarm:
             await self._leave()
-        self.pool.shutdown()
+        self.scheduler.shutdown()
 
     # ---- probes and metadata -----------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
@@ -158,7 +155,7 @@ class BlockServer:
         })
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        self.metrics.queue_depth.set(self.pool.depth)
+        self.metrics.queue_depth.set(self.scheduler.depth)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -226,12 +223,8 @@ class BlockServer:
             req = wire.parse_request(frame, ("forward",))
             self._check_span(req.start, req.end)
             hidden, mask, positions = self._inputs(frame.tensors, None, 0, self.limits.max_length)
-            out_dtype = DTYPES[req.wire_dtype]
-
-            def run() -> torch.Tensor:
-                return self.span.forward(hidden, mask, positions, None, req.start, req.end).to(out_dtype)
-
-            output = await self.pool.submit(PRIORITY_FORWARD, run)
+            output = await self.scheduler.forward(req.start, req.end, hidden, mask, positions)
+            output = output.to(DTYPES[req.wire_dtype])
             self.metrics.tokens.labels("forward").inc(hidden.shape[0] * hidden.shape[1])
             reply = wire.encode({"kind": "output", "request_id": req.request_id}, {"hidden": output})
             self._count("forward", "ok", began)
@@ -246,13 +239,6 @@ class BlockServer:
             failure = ProtocolError("internal", f"{type(error).__name__}: {error}")
             return web.Response(body=wire.encode(failure.to_header()), status=500,
                                 content_type="application/octet-stream")
-
-    def _use_threads(self, tokens: int) -> None:
-        """On the compute thread: few threads for decode steps, all of them for prefill and bulk work."""
-        wanted = self.options.decode_threads if tokens <= DECODE_TOKENS and self.options.decode_threads else self._bulk_threads
-        if wanted != self._threads_now:
-            torch.set_num_threads(wanted)
-            self._threads_now = wanted
 
     def _count(self, kind: str, status: str, began: float) -> None:
         self.metrics.requests.labels(kind, status).inc()
@@ -320,17 +306,12 @@ class BlockServer:
         hidden, mask, positions = self._inputs(
             tensors, session.batch_size, session.position, session.max_length - session.position
         )
-        out_dtype = DTYPES[session.wire_dtype]
-
-        def run() -> torch.Tensor:
-            self._use_threads(hidden.shape[0] * hidden.shape[1])
-            return self.span.forward(hidden, mask, positions, session.cache, session.start, session.end).to(out_dtype)
-
         try:
-            output = await self.pool.submit(PRIORITY_INFERENCE, run)
+            output = await self.scheduler.step(session, hidden, mask, positions)
         except Exception:
             self._drop_broken(session)
             raise
+        output = output.to(DTYPES[session.wire_dtype])
         session.position += hidden.shape[1]
         self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])
         return wire.encode({"kind": "output", "session": session.id, "request_id": req.request_id}, {"hidden": output})

@@ -1,0 +1,292 @@
+"""The compute thread: batches inference steps across sessions, inference before bulk work.
+
+Each round, on one thread that owns the span:
+
+1. Decode: the oldest pending small step (at most ``prefill_chunk`` new tokens) and every
+   pending step with the same blocks and token count go through the span in one pass
+   (batching.py), up to ``max_batch_rows`` rows and ``max_batch_tokens`` tokens. A step
+   waits at most ``batch_wait`` seconds for companions, and only while other sessions
+   that could send one are open: a lone client never waits.
+2. Prefill: one chunk of ``prefill_chunk`` tokens of the oldest long step, so a long prompt
+   advances every round without stalling the decode steps of others.
+3. Bulk: only when no inference work is pending, stateless forwards of the same shape and
+   blocks are stacked along the batch and run together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmswarm_node.batching import StepInput, batchable, run_steps
+from llmswarm_node.metrics import ServerMetrics
+from llmswarm_node.sessions import Session
+from llmswarm_node.span import SpanModel
+
+DECODE_TOKENS = 4  # a pass this small is bound by reading weights: more threads only add wake-up latency
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    max_batch_rows: int = 32  # rows (sessions x their batch) in one decode pass
+    max_batch_tokens: int = 4096  # tokens in one pass
+    batch_wait: float = 0.002  # seconds a step may wait for companions
+    prefill_chunk: int = 256  # tokens of a long step per round
+    threads: int = 0  # torch threads for prefill and bulk work (0: torch's default)
+    decode_threads: int = 1  # torch threads for passes of at most DECODE_TOKENS tokens (0: same as threads)
+
+
+@dataclass
+class _Work:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[torch.Tensor]
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def resolve(self, result: torch.Tensor | BaseException) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, result)
+
+
+@dataclass
+class _Step(_Work):
+    session: Session | None = None
+    done: int = 0  # new tokens already run (long steps run in chunks)
+    pieces: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        assert self.session is not None
+        return self.session.start, self.session.end, self.hidden.shape[1]
+
+    def chunk(self, size: int) -> StepInput:
+        assert self.session is not None
+        past = self.session.position + self.done
+        stop = min(self.done + size, self.hidden.shape[1])
+        mask = None if self.attention_mask is None else self.attention_mask[:, : past + stop - self.done]
+        positions = None if self.position_ids is None else self.position_ids[:, self.done:stop]
+        if positions is None and stop - self.done < self.hidden.shape[1]:
+            positions = torch.arange(past, past + stop - self.done).unsqueeze(0).expand(self.hidden.shape[0], -1)
+        return StepInput(self.session.cache, past, self.hidden[:, self.done:stop], mask, positions)
+
+
+@dataclass
+class _Forward(_Work):
+    start: int = 0
+    end: int = 0
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.start, self.end, tuple(self.hidden.shape[1:]), self.attention_mask is None,
+                self.position_ids is None)
+
+
+class Scheduler:
+    def __init__(self, span: SpanModel, options: BatchOptions, metrics: ServerMetrics,
+                 open_sessions: Callable[[], int]) -> None:
+        self.span = span
+        self.options = options
+        self.metrics = metrics
+        self.open_sessions = open_sessions
+        self._cond = threading.Condition()
+        self._steps: list[_Step] = []
+        self._forwards: list[_Forward] = []
+        self._stopping = False
+        self._bulk_threads = options.threads or torch.get_num_threads()
+        self._threads_now = -1  # set on the compute thread itself: OpenMP thread counts are per thread
+        self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._steps) + len(self._forwards)
+
+    def step(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+             position_ids: torch.Tensor | None) -> asyncio.Future[torch.Tensor]:
+        loop = asyncio.get_running_loop()
+        work = _Step(loop, loop.create_future(), hidden, attention_mask, position_ids, session=session)
+        with self._cond:
+            self._steps.append(work)
+            self._cond.notify()
+        return work.future
+
+    def forward(self, start: int, end: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None) -> asyncio.Future[torch.Tensor]:
+        loop = asyncio.get_running_loop()
+        work = _Forward(loop, loop.create_future(), hidden, attention_mask, position_ids, start=start, end=end)
+        with self._cond:
+            self._forwards.append(work)
+            self._cond.notify()
+        return work.future
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the compute thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._steps or self._forwards or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    self._fail_all(RuntimeError("the server is shutting down"))
+                    return
+                self._wait_for_companions()
+                group = self._take_decode_group()
+                long_step = next((s for s in self._steps if s.hidden.shape[1] > self.options.prefill_chunk), None)
+                forwards = self._take_forward_group() if not group and long_step is None else []
+            if group:
+                self._run_decode(group)
+            if long_step is not None:
+                self._run_chunk(long_step)
+            if forwards:
+                self._run_forwards(forwards)
+
+    def _small(self) -> list[_Step]:
+        return [s for s in self._steps if s.hidden.shape[1] <= self.options.prefill_chunk]
+
+    def _wait_for_companions(self) -> None:
+        small = self._small()
+        if not small:
+            return
+        deadline = small[0].enqueued + self.options.batch_wait
+        while not self._stopping:
+            small = self._small()
+            if len(small) >= self.open_sessions() or sum(s.hidden.shape[0] for s in small) >= self.options.max_batch_rows:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _take_decode_group(self) -> list[_Step]:
+        small = self._small()
+        if not small:
+            return []
+        key = small[0].key
+        group, rows, tokens = [], 0, 0
+        for step in small:
+            if step.key != key:
+                continue
+            b, t = step.hidden.shape[:2]
+            if group and (rows + b > self.options.max_batch_rows or tokens + b * t > self.options.max_batch_tokens
+                          or not batchable(step.session.cache)):  # type: ignore[union-attr]
+                continue
+            group.append(step)
+            rows, tokens = rows + b, tokens + b * t
+            if not batchable(step.session.cache):  # type: ignore[union-attr]
+                break
+        for step in group:
+            self._steps.remove(step)
+        return group
+
+    def _take_forward_group(self) -> list[_Forward]:
+        if not self._forwards:
+            return []
+        key = self._forwards[0].key
+        group, tokens = [], 0
+        for work in self._forwards:
+            size = work.hidden.shape[0] * work.hidden.shape[1]
+            if work.key == key and (not group or tokens + size <= self.options.max_batch_tokens):
+                group.append(work)
+                tokens += size
+        for work in group:
+            self._forwards.remove(work)
+        return group
+
+    def _use_threads(self, tokens: int) -> None:
+        decode = self.options.decode_threads
+        wanted = decode if decode and tokens <= DECODE_TOKENS else self._bulk_threads
+        if wanted != self._threads_now:
+            torch.set_num_threads(wanted)
+            self._threads_now = wanted
+
+    def _observe(self, kind: str, works: list[Any], rows: int, tokens: int) -> None:
+        now = time.monotonic()
+        self.metrics.batch_size.labels(kind).observe(rows)
+        self.metrics.pass_tokens.labels(kind).observe(tokens)
+        for work in works:
+            self.metrics.queue_wait.labels(kind).observe(now - work.enqueued)
+
+    def _run_decode(self, group: list[_Step]) -> None:
+        inputs = [step.chunk(self.options.prefill_chunk) for step in group]
+        rows = sum(i.rows for i in inputs)
+        tokens = sum(i.rows * i.new_tokens for i in inputs)
+        self._observe("inference", group, rows, tokens)
+        self._use_threads(tokens)
+        start, end, _ = group[0].key
+        try:
+            outputs = run_steps(self.span, start, end, inputs)
+        except BaseException as error:  # noqa: BLE001 - handed to every waiting handler
+            for step in group:
+                step.resolve(error)
+            return
+        for step, output in zip(group, outputs, strict=True):
+            step.resolve(output)
+
+    def _run_chunk(self, step: _Step) -> None:
+        piece = step.chunk(self.options.prefill_chunk)
+        if step.done == 0:
+            self.metrics.queue_wait.labels("inference").observe(time.monotonic() - step.enqueued)
+        self.metrics.batch_size.labels("inference").observe(piece.rows)
+        self.metrics.pass_tokens.labels("inference").observe(piece.rows * piece.new_tokens)
+        self._use_threads(piece.rows * piece.new_tokens)
+        start, end, _ = step.key
+        try:
+            step.pieces.append(run_steps(self.span, start, end, [piece])[0])
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting handler
+            with self._cond:
+                self._steps.remove(step)
+            step.resolve(error)
+            return
+        step.done += piece.new_tokens
+        if step.done >= step.hidden.shape[1]:
+            with self._cond:
+                self._steps.remove(step)
+            step.resolve(torch.cat(step.pieces, dim=1))
+
+    def _run_forwards(self, group: list[_Forward]) -> None:
+        rows = sum(w.hidden.shape[0] for w in group)
+        tokens = sum(w.hidden.shape[0] * w.hidden.shape[1] for w in group)
+        self._observe("forward", group, rows, tokens)
+        self._use_threads(tokens)
+        first = group[0]
+        try:
+            hidden = torch.cat([w.hidden.to(self.span.dtype) for w in group])
+            mask = None if first.attention_mask is None else torch.cat([w.attention_mask for w in group])  # type: ignore[misc]
+            positions = None if first.position_ids is None else torch.cat([w.position_ids for w in group])  # type: ignore[misc]
+            output = self.span.forward(hidden, mask, positions, None, first.start, first.end)
+        except BaseException as error:  # noqa: BLE001 - handed to every waiting handler
+            for work in group:
+                work.resolve(error)
+            return
+        row = 0
+        for work in group:
+            work.resolve(output[row:row + work.hidden.shape[0]])
+            row += work.hidden.shape[0]
+
+    def _fail_all(self, error: BaseException) -> None:
+        for work in [*self._steps, *self._forwards]:
+            work.resolve(error)
+        self._steps.clear()
+        self._forwards.clear()
+
+
+def _settle(future: asyncio.Future[torch.Tensor], result: torch.Tensor | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -1,0 +1,117 @@
+"""Steps of many sessions in one pass through a span: each gets what it would get alone."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+import requests
+import torch
+
+from llmswarm_node.batching import StepInput, run_steps
+from llmswarm_node.span import SpanModel
+from tests.conftest import chat_ids
+
+HIDDEN = 576
+
+
+@pytest.fixture(scope="module")
+def span(smollm2):
+    return SpanModel(smollm2, 0, 10, progress=False)
+
+
+def prefilled(span, hidden):
+    cache = span.new_cache(0, 10)
+    span.forward(hidden, None, None, cache)
+    return cache
+
+
+def test_batched_decode_equals_solo(span):
+    torch.manual_seed(0)
+    prompts = [torch.randn(1, n, HIDDEN) for n in (5, 17, 1, 30)] + [torch.randn(2, 9, HIDDEN)]
+    solo_caches = [prefilled(span, p) for p in prompts]
+    batch_caches = [prefilled(span, p) for p in prompts]
+    pasts = [p.shape[1] for p in prompts]
+    for _ in range(4):
+        steps = [torch.randn(p.shape[0], 1, HIDDEN) for p in prompts]
+        solo = [span.forward(h, None, torch.full((h.shape[0], 1), past), cache)
+                for h, past, cache in zip(steps, pasts, solo_caches, strict=True)]
+        batched = run_steps(span, 0, 10, [StepInput(cache, past, h, None, None)
+                                         for h, past, cache in zip(steps, pasts, batch_caches, strict=True)])
+        for a, b in zip(solo, batched, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-3)
+        pasts = [p + 1 for p in pasts]
+    for solo_cache, batch_cache in zip(solo_caches, batch_caches, strict=True):
+        assert batch_cache.get_seq_length() == solo_cache.get_seq_length()
+
+
+def test_sessions_with_padding_masks_batch_correctly(span):
+    """A left-padded client batch keeps its own mask inside a combined pass."""
+    torch.manual_seed(1)
+    prompt = torch.randn(2, 6, HIDDEN)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    other = torch.randn(1, 11, HIDDEN)
+    caches = []
+    for _ in range(2):
+        padded = span.new_cache(0, 10)
+        span.forward(prompt, mask, positions, padded)
+        caches.append((padded, prefilled(span, other)))
+    step, step_other = torch.randn(2, 1, HIDDEN), torch.randn(1, 1, HIDDEN)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    step_positions = positions[:, -1:] + 1
+    solo = span.forward(step, step_mask, step_positions, caches[0][0])
+    solo_other = span.forward(step_other, None, torch.tensor([[11]]), caches[0][1])
+    batched = run_steps(span, 0, 10, [StepInput(caches[1][0], 6, step, step_mask, step_positions),
+                                      StepInput(caches[1][1], 11, step_other, None, None)])
+    torch.testing.assert_close(batched[0], solo, rtol=1e-4, atol=2e-3)
+    torch.testing.assert_close(batched[1], solo_other, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.integration
+def test_sixteen_clients_get_their_solo_outputs_and_the_servers_batch(swarm3, local_smollm2):
+    from llmswarm import DistributedModelForCausalLM
+
+    def batch_stats():
+        total = observed = 0.0
+        for server in swarm3.routes().servers:
+            text = requests.get(f"{server.url}/metrics", timeout=10).text
+            total += sum(float(v) for v in re.findall(r'llmswarm_batch_size_sum\{kind="inference"\} (\S+)', text))
+            observed += sum(float(v) for v in re.findall(r'llmswarm_batch_size_count\{kind="inference"\} (\S+)', text))
+        return total, observed
+
+    things = ["painter", "river", "city", "poet", "planet", "bird", "ship", "tree",
+              "song", "mountain", "scientist", "novel", "bridge", "island", "composer", "desert"]
+    model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm3.url, progress=False)
+    inputs = [chat_ids(model.tokenizer, f"Name a famous {thing}.") for thing in things]
+    with torch.no_grad():
+        expected = [local_smollm2.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                                           pad_token_id=0).tolist() for ids in inputs]
+    rows_before, passes_before = batch_stats()
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    def client(index: int) -> None:
+        try:
+            start.wait()
+            ids = inputs[index]
+            results[index] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                                            pad_token_id=0).tolist()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert [results[i] for i in range(16)] == expected
+    rows, passes = batch_stats()
+    rows, passes = rows - rows_before, passes - passes_before
+    tokens = sum(len(r[0]) - len(i[0]) for r, i in zip(expected, inputs, strict=True))
+    # Without batching every step would be its own pass: 3 servers x (one prefill + one pass per further token).
+    assert passes < 0.6 * 3 * tokens, f"{passes} passes for {tokens} tokens: the servers did not batch"
+    assert rows / passes > 1.5, f"mean batch size {rows / passes:.2f}"
