@@ -303,12 +303,19 @@ def _error(status: int, text: str) -> ApiError:
 ApplyResult = Literal["created", "updated", "unchanged"]
 
 
-async def apply(kube: KubeClient, obj: Body) -> ApplyResult:
-    """Make the object exist as built: create it, or patch it when its digest changed."""
+_UNKNOWN: Any = object()
+
+
+async def apply(kube: KubeClient, obj: Body, existing: Body | None = _UNKNOWN) -> ApplyResult:
+    """Make the object exist as built: create it, or patch it when its digest changed.
+
+    `existing` is the object as just listed (None: known to be absent); without it, it is read.
+    """
     obj = with_hash(obj)
     meta = obj["metadata"]
     kind, namespace, name = obj["kind"], meta["namespace"], meta["name"]
-    existing = await kube.get(kind, namespace, name)
+    if existing is _UNKNOWN:
+        existing = await kube.get(kind, namespace, name)
     if existing is None:
         try:
             await kube.create(obj)

@@ -127,13 +127,15 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
                         now=now, drain_seconds=settings.drain_seconds)
 
     # ---- act: the route-map service first, then new servers, then old ones ----
+    listed = {("Deployment", d["metadata"]["name"]): d for d in deployments}
+    listed.update({("Service", s["metadata"]["name"]): s for s in services})
     for obj in (m.routemap_service(owner, spec), m.routemap_deployment(owner, spec, settings)):
-        await _apply(kube, obj, outcome)
+        await _apply(kube, obj, outcome, listed)
     for server in desired:
-        if await _apply(kube, m.server_deployment(owner, spec, cost, server, settings), outcome) == "created":
+        if await _apply(kube, m.server_deployment(owner, spec, cost, server, settings), outcome, listed) == "created":
             outcome.events.append(("Normal", "ServerCreated", f"server {server.name} for blocks [{server.span.start}, "
                                    f"{server.span.end}) in pool {server.pool}"))
-        await _apply(kube, m.server_service(owner, spec, server), outcome)
+        await _apply(kube, m.server_service(owner, spec, server), outcome, listed)
     for server_name in plan.drain:
         await kube.patch("Deployment", namespace, server_name,
                          {"metadata": {"annotations": {m.ANNOTATION_DRAINING: _iso(now)}}})
@@ -159,7 +161,7 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     model = ModelInfo(name=shape.name, num_blocks=shape.num_blocks, hidden_size=shape.hidden_size)
     urls = {e.name: f"http://{m.service_host(e.name, namespace, settings)}:{spec.server.port}" for e in plan.entries}
     routes = route_map(model, plan.entries, urls, spec.model.dtype, previous_route_map(configmap))
-    await _apply(kube, m.routemap_configmap(owner, routes), outcome)
+    await _apply(kube, m.routemap_configmap(owner, routes), outcome, {("ConfigMap", m.routemap_name(name)): configmap})
 
     # ---- report ----
     seen = Seen(
@@ -175,8 +177,10 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     return outcome
 
 
-async def _apply(kube: KubeClient, obj: Body, outcome: Outcome) -> str:
-    result = await apply(kube, obj)
+async def _apply(kube: KubeClient, obj: Body, outcome: Outcome, listed: Mapping[tuple[str, str], Body | None]) -> str:
+    """Apply `obj`, knowing what exists from the lists read at the start (objects of another owner are read)."""
+    key = (obj["kind"], obj["metadata"]["name"])
+    result = await apply(kube, obj, listed[key]) if key in listed else await apply(kube, obj)
     if result != "unchanged":
         outcome.count(f"{result} {obj['kind']}")
     return result

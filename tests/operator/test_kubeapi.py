@@ -9,7 +9,10 @@ import kopf
 import pytest
 
 from llmswarm_operator.kubeapi import HASH_ANNOTATION, ApiError, KubeClient, apply, path_for
+from llmswarm_operator.runtime import ReconcileFailed, Runtime
+from llmswarm_operator.settings import OperatorSettings
 from tests.operator.cluster import running_cluster
+from tests.operator.conftest import free_port
 
 
 def config_map(labels: dict[str, str], data: dict[str, str]) -> dict[str, Any]:
@@ -51,3 +54,22 @@ def test_paths() -> None:
     assert path_for("Deployment", "ns", "d") == "/apis/apps/v1/namespaces/ns/deployments/d"
     assert path_for("Pod", "ns") == "/api/v1/namespaces/ns/pods"
     assert path_for("Swarm", "ns", "s", "status") == "/apis/llmswarm.dev/v1alpha1/namespaces/ns/swarms/s/status"
+
+
+async def test_an_unreachable_api_is_a_retryable_failure_and_counted() -> None:
+    kube = KubeClient(timeout=2)
+    kube.use(kopf.ConnectionInfo(server=f"http://127.0.0.1:{free_port()}"))  # nothing listens there
+    runtime = Runtime(OperatorSettings(metrics_port=0), kube)
+    body = {"metadata": {"name": "demo", "namespace": "default", "uid": "u1"},
+            "spec": {"pools": [{"name": "cpu", "gpuMemory": "2Gi"}]}}
+    try:
+        with pytest.raises(ReconcileFailed, match="ClientConnectorError"):
+            await runtime.run(body, "timer")
+        text = runtime.metrics.render().decode()
+        assert 'llmswarm_operator_reconcile_errors_total{kind="ClientConnectorError"} 1.0' in text
+        assert 'llmswarm_operator_reconciles_total{result="error",trigger="timer"} 1.0' in text
+        # An invalid spec needs no API at all: it is reported, not retried.
+        outcome = await runtime.run({**body, "spec": {"pools": []}}, "timer")
+        assert outcome.invalid and outcome.phase == "Failed"
+    finally:
+        await runtime.stop()
