@@ -43,6 +43,10 @@ class ClientConfig:
     backoff_max: float = 8.0
     wire_dtype: str = "float32"  # float16 / bfloat16 halve the bytes on the wire
     max_message_bytes: int = 64 * 1024 * 1024
+    token: str | None = None  # the swarm token, sent as "Authorization: Bearer <token>" on every request
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
 _TRANSPORT_ERRORS = (OSError, WebSocketException, requests.RequestException, TimeoutError)
@@ -55,6 +59,7 @@ class SwarmClient:
         self.url = swarm.rstrip("/")
         self.config = config or ClientConfig()
         self.http = requests.Session()
+        self.http.headers.update(self.config.auth_headers())
         self._routes: RouteMap | None = None
         self._fetched = 0.0
         self._rtt: dict[str, float] = {}
@@ -145,7 +150,7 @@ class SpanSession:
         config = client.config
         self.socket: ClientConnection = connect(
             ws_url, open_timeout=config.connect_timeout, max_size=config.max_message_bytes + 64 * 1024,
-            compression=None,
+            compression=None, additional_headers=config.auth_headers(),
         )
         reply = self._call({
             "kind": "open", "start": self.start, "end": self.end, "max_length": max_length,
