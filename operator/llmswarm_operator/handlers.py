@@ -58,7 +58,9 @@ def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
         if getattr(memo, "runtime", None) is None:
             memo.runtime = Runtime(OperatorSettings.from_env())
-        settings.posting.level = logging.WARNING  # Events for warnings only; our own Events are posted explicitly
+        # Kopf would post an Event for every log line at this level and above: a retry while servers load is
+        # one. Our own Events (ServerCreated, InvalidSpec, ...) are posted explicitly and are not affected.
+        settings.posting.level = logging.CRITICAL
         settings.persistence.finalizer = "llmswarm.dev/finalizer"
         settings.background.instant_exit_timeout = 0.5  # let a timer tick in flight finish when the operator stops
         await _runtime(memo).start()
