@@ -269,7 +269,7 @@ def place(
             break
         pick = max(growable, key=lambda s: (s.cap, s.pool.speed, -s.order))
         counts[pick.pool.name] += 1
-    best = _arrange(num_blocks, _lengths_for(_servers(usable, counts), target, None))
+    best = _arrange(num_blocks, _lengths_for(_servers(usable, counts), None))
     return _result(num_blocks, redundancy, best, caps, cost, notes, usable, counts)
 
 
@@ -290,7 +290,7 @@ def _length(slot: _Slot, k: float | None) -> int:
     return min(slot.cap, max(1, math.ceil(k * slot.pool.speed - _EPS)))
 
 
-def _lengths_for(servers: list[tuple[_Slot, int]], target: int, k: float | None) -> list[tuple[_Slot, int, int]]:
+def _lengths_for(servers: list[tuple[_Slot, int]], k: float | None) -> list[tuple[_Slot, int, int]]:
     return [(slot, index, _length(slot, k)) for slot, index in servers]
 
 
@@ -313,7 +313,7 @@ def _arrange_counts(
     tries.append(None)  # every server at its capacity
     seen: set[tuple[int, ...]] = set()
     for k in tries:
-        lengths = _lengths_for(servers, target, k)
+        lengths = _lengths_for(servers, k)
         signature = tuple(length for _, _, length in lengths)
         if signature in seen or sum(signature) < target:
             continue
