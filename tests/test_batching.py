@@ -69,49 +69,64 @@ def test_sessions_with_padding_masks_batch_correctly(span):
     torch.testing.assert_close(batched[1], solo_other, rtol=1e-4, atol=2e-3)
 
 
-@pytest.mark.integration
-def test_sixteen_clients_get_their_solo_outputs_and_the_servers_batch(swarm3, local_smollm2):
+def batch_stats(swarm) -> tuple[float, float]:
+    """(rows, passes) of batched inference passes, summed over the swarm's servers."""
+    rows = passes = 0.0
+    for server in swarm.routes().servers:
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+        rows += sum(float(v) for v in re.findall(r'llmswarm_batch_size_sum\{kind="inference"\} (\S+)', text))
+        passes += sum(float(v) for v in re.findall(r'llmswarm_batch_size_count\{kind="inference"\} (\S+)', text))
+    return rows, passes
+
+
+THINGS = ["painter", "river", "city", "poet", "planet", "bird", "ship", "tree", "song", "mountain", "scientist", "novel",
+          "bridge", "island", "composer", "desert"]
+
+
+def concurrent_generations(swarm, local, clients: int, new_tokens: int) -> tuple[float, float, int]:
+    """`clients` threads generate at once through the swarm; each must equal its solo local output."""
     from llmswarm import DistributedModelForCausalLM
 
-    def batch_stats():
-        total = observed = 0.0
-        for server in swarm3.routes().servers:
-            text = requests.get(f"{server.url}/metrics", timeout=10).text
-            total += sum(float(v) for v in re.findall(r'llmswarm_batch_size_sum\{kind="inference"\} (\S+)', text))
-            observed += sum(float(v) for v in re.findall(r'llmswarm_batch_size_count\{kind="inference"\} (\S+)', text))
-        return total, observed
-
-    things = ["painter", "river", "city", "poet", "planet", "bird", "ship", "tree",
-              "song", "mountain", "scientist", "novel", "bridge", "island", "composer", "desert"]
-    model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm3.url, progress=False)
-    inputs = [chat_ids(model.tokenizer, f"Name a famous {thing}.") for thing in things]
+    model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm.url, progress=False)
+    prompts = [f"Name a famous {THINGS[i % 16]}" + ("." if i < 16 else ", and say why.") for i in range(clients)]
+    inputs = [chat_ids(model.tokenizer, p) for p in prompts]
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        expected = [local_smollm2.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                                           pad_token_id=0).tolist() for ids in inputs]
-    rows_before, passes_before = batch_stats()
+        expected = [local.generate(ids, attention_mask=torch.ones_like(ids), **settings).tolist() for ids in inputs]
+    rows_before, passes_before = batch_stats(swarm)
     results: dict[int, list] = {}
     errors: list[BaseException] = []
-    start = threading.Barrier(16)
+    start = threading.Barrier(clients)
 
     def client(index: int) -> None:
         try:
             start.wait()
             ids = inputs[index]
-            results[index] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                                            pad_token_id=0).tolist()
+            results[index] = model.generate(ids, attention_mask=torch.ones_like(ids), **settings).tolist()
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors
-    assert [results[i] for i in range(16)] == expected
-    rows, passes = batch_stats()
-    rows, passes = rows - rows_before, passes - passes_before
+    assert not errors, errors
+    assert [results[i] for i in range(clients)] == expected
+    rows, passes = batch_stats(swarm)
     tokens = sum(len(r[0]) - len(i[0]) for r, i in zip(expected, inputs, strict=True))
+    return rows - rows_before, passes - passes_before, tokens
+
+
+@pytest.mark.integration
+def test_sixteen_clients_get_their_solo_outputs_and_the_servers_batch(swarm3, local_smollm2):
+    rows, passes, tokens = concurrent_generations(swarm3, local_smollm2, clients=16, new_tokens=20)
     # Without batching every step would be its own pass: 3 servers x (one prefill + one pass per further token).
     assert passes < 0.6 * 3 * tokens, f"{passes} passes for {tokens} tokens: the servers did not batch"
     assert rows / passes > 1.5, f"mean batch size {rows / passes:.2f}"
+
+
+@pytest.mark.integration
+def test_thirty_two_concurrent_generations(swarm3, local_smollm2):
+    rows, passes, _ = concurrent_generations(swarm3, local_smollm2, clients=32, new_tokens=12)
+    assert rows / passes > 1.5

@@ -15,7 +15,8 @@ DEFAULT_SWARM = "http://127.0.0.1:8700"
 def _load_model(args: argparse.Namespace) -> Any:
     from llmswarm.model import DistributedModelForCausalLM
 
-    return DistributedModelForCausalLM.from_pretrained(args.model, swarm=args.swarm, wire_dtype=args.wire_dtype)
+    return DistributedModelForCausalLM.from_pretrained(args.model, swarm=args.swarm, wire_dtype=args.wire_dtype,
+                                                       token=args.token, tls_ca=args.tls_ca)
 
 
 def _answer(model: Any, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
@@ -66,9 +67,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    from llmswarm.remote import SwarmClient
+    from llmswarm.remote import ClientConfig, SwarmClient
+    from llmswarm.security import token_from_env
 
-    routes = SwarmClient(args.swarm).routes()
+    routes = SwarmClient(args.swarm, ClientConfig(token=token_from_env(args.token), tls_ca=args.tls_ca)).routes()
     model = routes.model
     print(f"model: {model.name if model else '-'}  blocks: {model.num_blocks if model else '-'}  "
           f"version: {routes.version}")
@@ -85,13 +87,15 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from llmswarm.security import token_from_env
     from llmswarm_operator.local import LocalSwarm, LocalSwarmError, LocalSwarmOptions
     from llmswarm_operator.placement import PlacementError
 
     options = LocalSwarmOptions(
         model=args.model, servers=args.servers, redundancy=args.redundancy,
         blocks_per_server=args.blocks_per_server, host=args.host, port=args.port, dtype=args.dtype,
-        threads=args.threads,
+        threads=args.threads, token=token_from_env(args.token), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
     )
     if args.blocks_per_server is not None and args.servers_given is False:
         options.servers = None
@@ -139,7 +143,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmswarm_node.main import add_serve_arguments
+    from llmswarm_node.main import add_security_arguments, add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="llmswarm", description="Run a language model split across block servers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=0, help="torch threads per server")
     up.add_argument("--chat", action="store_true", help="open an interactive chat, stop the swarm after it")
     up.add_argument("--prompt", help="answer one prompt, then stop the swarm")
+    add_security_arguments(up)
     _add_generation_arguments(up)
     up.set_defaults(func=cmd_up)
 
@@ -167,12 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")
         command.add_argument("--model", default="smollm2", help="model SPEC for the client's local part")
         _add_generation_arguments(command)
+        command.add_argument("--token", help="swarm token (default: $LLMSWARM_TOKEN)")
+        command.add_argument("--tls-ca", help="CA bundle (PEM) to verify https servers")
         if name == "generate":
             command.add_argument("prompt")
         command.set_defaults(func=func)
 
     routes = sub.add_parser("routes", help="print the route map as a table")
     routes.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")
+    routes.add_argument("--token", help="swarm token (default: $LLMSWARM_TOKEN)")
+    routes.add_argument("--tls-ca", help="CA bundle (PEM) to verify https servers")
     routes.set_defaults(func=cmd_routes)
     return parser
 

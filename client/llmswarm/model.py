@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llmswarm.arch import architecture_of
 from llmswarm.coalesce import Coalescer
 from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SwarmClient, SwarmError
+from llmswarm.security import token_from_env
 from llmswarm.source import ModelDir, load_state, resolve
 
 
@@ -104,11 +105,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         wire_dtype: str = "float32",
         client_config: ClientConfig | None = None,
         progress: bool = True,
+        token: str | None = None,
+        tls_ca: str | None = None,
     ) -> DistributedModelForCausalLM:
-        """Load the local part of `spec` and connect to the swarm's route map at `swarm`."""
+        """Load the local part of `spec` and connect to the swarm's route map at `swarm`.
+
+        `token` is the swarm token (default: $LLMSWARM_TOKEN); `tls_ca` a CA bundle to verify
+        https servers with.
+        """
         source = resolve(spec, progress=progress)
         config = copy.deepcopy(client_config) if client_config else ClientConfig()
         config.wire_dtype = wire_dtype
+        config.token = token_from_env(token or config.token)
+        config.tls_ca = tls_ca or config.tls_ca
         client = SwarmClient(swarm, config)
         routes = client.routes()
         if routes.model is not None and routes.model.num_blocks != source.num_blocks:

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 import requests
 import torch
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from llmswarm import wire
 from llmswarm.routemap import RouteMap
 from llmswarm.routing import Hop, NoRoute, choose_chain
+from llmswarm.security import client_ssl_context
 from llmswarm.wire import DTYPES, ProtocolError
 
 log = logging.getLogger("llmswarm.client")
@@ -41,9 +42,11 @@ class ClientConfig:
     ban_seconds: float = 15.0  # how long a failed server is avoided (doubles on repeated failure)
     backoff_base: float = 0.25
     backoff_max: float = 8.0
+    busy_timeout: float = 120.0  # how long to keep asking busy servers (Retry-After) for room before giving up
     wire_dtype: str = "float32"  # float16 / bfloat16 halve the bytes on the wire
     max_message_bytes: int = 64 * 1024 * 1024
     token: str | None = None  # the swarm token, sent as "Authorization: Bearer <token>" on every request
+    tls_ca: str | None = None  # CA bundle (PEM) to verify https/wss servers (default: the system's)
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -60,10 +63,14 @@ class SwarmClient:
         self.config = config or ClientConfig()
         self.http = requests.Session()
         self.http.headers.update(self.config.auth_headers())
+        # Passed on every call: requests lets $REQUESTS_CA_BUNDLE override a session's own `verify`.
+        self.verify: str | bool = self.config.tls_ca or True
+        self.ssl_context = client_ssl_context(self.config.tls_ca)
         self._routes: RouteMap | None = None
         self._fetched = 0.0
         self._rtt: dict[str, float] = {}
-        self._banned: dict[str, tuple[float, float]] = {}  # id -> (until, last ban length)
+        self._banned: dict[str, tuple[float, float]] = {}  # id -> (until, last failure ban length)
+        self._busy: set[str] = set()  # ids avoided only because they said "busy, retry after"
         self._lock = threading.Lock()
 
     def routes(self, refresh: bool = False) -> RouteMap:
@@ -72,7 +79,9 @@ class SwarmClient:
             if self._routes is not None and fresh and not refresh:
                 return self._routes
         try:
-            response = self.http.get(f"{self.url}/v1/routes", timeout=self.config.connect_timeout)
+            response = self.http.get(f"{self.url}/v1/routes", timeout=self.config.connect_timeout, verify=self.verify)
+            if response.status_code == 401:
+                raise SwarmError(f"the route map at {self.url} refused the swarm token")
             response.raise_for_status()
             routes = RouteMap.model_validate_json(response.content)
         except requests.RequestException as error:
@@ -88,7 +97,7 @@ class SwarmClient:
             for _ in range(2):
                 began = time.perf_counter()
                 try:
-                    self.http.get(f"{url}/healthz", timeout=self.config.connect_timeout).raise_for_status()
+                    self.http.get(f"{url}/healthz", timeout=self.config.connect_timeout, verify=self.verify).raise_for_status()
                 except requests.RequestException:
                     best = float("inf")
                     break
@@ -96,12 +105,28 @@ class SwarmClient:
             self._rtt[server_id] = best if best != float("inf") else 1.0
         return self._rtt[server_id]
 
-    def ban(self, server_id: str) -> None:
+    def ban(self, server_id: str, seconds: float | None = None) -> None:
+        """Avoid a server: for `seconds` (a busy server's Retry-After), else for ban_seconds, doubling each time
+        it fails again after a ban ran out (several sessions seeing the same failure ban it once)."""
+        now = time.monotonic()
         with self._lock:
-            _, last = self._banned.get(server_id, (0.0, self.config.ban_seconds / 2))
-            length = min(last * 2, 300.0)
-            self._banned[server_id] = (time.monotonic() + length, length)
-        log.warning("avoiding server %s for %.0f s", server_id, length)
+            until, last = self._banned.get(server_id, (0.0, self.config.ban_seconds / 2))
+            if seconds is None and until > now:
+                return
+            length = seconds if seconds is not None else min(last * 2, 300.0)
+            self._banned[server_id] = (now + length, last if seconds is not None else length)
+            if seconds is not None:
+                self._busy.add(server_id)
+            else:
+                self._busy.discard(server_id)
+        log.warning("avoiding server %s for %.1f s", server_id, length)
+
+    def next_unban(self) -> float | None:
+        """Seconds until the first server avoided for being busy may be tried again, or None if none is."""
+        now = time.monotonic()
+        with self._lock:
+            waits = [until - now for sid, (until, _) in self._banned.items() if until > now and sid in self._busy]
+        return min(waits) if waits else None
 
     def banned(self) -> set[str]:
         now = time.monotonic()
@@ -122,8 +147,8 @@ class SwarmClient:
                     raise
         raise AssertionError("unreachable")
 
-    def backoff(self, attempt: int) -> None:
-        time.sleep(min(self.config.backoff_base * 2**attempt, self.config.backoff_max))
+    def backoff(self, attempt: int, at_least: float | None = None) -> None:
+        time.sleep(max(at_least or 0.0, min(self.config.backoff_base * 2**attempt, self.config.backoff_max)))
 
     def close(self) -> None:
         self.http.close()
@@ -148,14 +173,24 @@ class SpanSession:
         self._ids = iter(range(1, 2**31))
         ws_url = hop.server.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/session"
         config = client.config
-        self.socket: ClientConnection = connect(
-            ws_url, open_timeout=config.connect_timeout, max_size=config.max_message_bytes + 64 * 1024,
-            compression=None, additional_headers=config.auth_headers(),
-        )
-        reply = self._call({
-            "kind": "open", "start": self.start, "end": self.end, "max_length": max_length,
-            "batch_size": batch_size, "wire_dtype": config.wire_dtype,
-        })
+        try:
+            self.socket: ClientConnection = connect(
+                ws_url, open_timeout=config.connect_timeout, max_size=config.max_message_bytes + 64 * 1024,
+                compression=None, additional_headers=config.auth_headers(),
+                ssl=client.ssl_context if ws_url.startswith("wss://") else None,
+            )
+        except InvalidStatus as error:
+            if error.response.status_code == 401:
+                raise SwarmError(f"server {hop.server.id} refused the swarm token") from None
+            raise
+        try:
+            reply = self._call({
+                "kind": "open", "start": self.start, "end": self.end, "max_length": max_length,
+                "batch_size": batch_size, "wire_dtype": config.wire_dtype,
+            })
+        except BaseException:
+            self.socket.close()
+            raise
         self.session = int(reply.header["session"])
 
     def _call(self, header: dict[str, object], tensors: dict[str, torch.Tensor] | None = None) -> wire.Frame:
@@ -212,32 +247,41 @@ class InferenceSession:
         self._spans, self._history = self._open_chain(0, num_blocks, exclude=())
 
     def _open_chain(self, start: int, end: int, exclude: Iterable[str]) -> tuple[list[SpanSession], list[_History]]:
-        attempt = 0
+        """Open sessions over [start, end): a busy server is avoided for its Retry-After while others are
+        tried at once; when every server that could serve is busy, wait for the first to free up
+        (at most ``busy_timeout`` in all); a failing server is avoided and retried with backoff."""
+        failures, began = 0, time.monotonic()
         while True:
             opened: list[SpanSession] = []
             try:
                 for hop in self.client.chain(start, end, exclude):
-                    opened.append(SpanSession(self.client, hop, self.max_length, self.batch_size))
+                    try:
+                        opened.append(SpanSession(self.client, hop, self.max_length, self.batch_size))
+                    except ProtocolError as error:
+                        if not error.retryable:
+                            raise SwarmError(f"server {hop.server.id} refused blocks [{hop.start}, {hop.end}): {error}") from error
+                        self.client.ban(hop.server.id, error.retry_after)
+                        raise
+                    except _TRANSPORT_ERRORS:
+                        self.client.ban(hop.server.id)
+                        raise
                 return opened, [_History() for _ in opened]
             except (*_TRANSPORT_ERRORS, ProtocolError, NoRoute) as error:
                 for span in opened:
                     span.close()
-                failed_hop = self._failed_hop(error, opened, start, end)
-                if failed_hop is not None:
-                    self.client.ban(failed_hop)
-                attempt += 1
-                if attempt > self.client.config.max_retries or (isinstance(error, ProtocolError) and not error.retryable):
+                busy = isinstance(error, ProtocolError) and error.retry_after is not None
+                waiting = isinstance(error, NoRoute) and self.client.next_unban() is not None
+                if busy or waiting:
+                    if time.monotonic() - began > self.client.config.busy_timeout:
+                        raise SwarmError(f"every server for blocks [{start}, {end}) stayed busy for "
+                                         f"{self.client.config.busy_timeout:.0f} s: {error}") from error
+                    if waiting:
+                        time.sleep(min(self.client.config.backoff_max, max(0.05, self.client.next_unban() or 0.0)))
+                    continue
+                failures += 1
+                if failures > self.client.config.max_retries:
                     raise SwarmError(f"cannot open a session over blocks [{start}, {end}): {error}") from error
-                self.client.backoff(attempt)
-
-    def _failed_hop(self, error: Exception, opened: list[SpanSession], start: int, end: int) -> str | None:
-        if isinstance(error, NoRoute):
-            return None
-        try:
-            chain = self.client.chain(start, end)
-        except NoRoute:
-            return None
-        return chain[len(opened)].server.id if len(opened) < len(chain) else None
+                self.client.backoff(failures)
 
     @property
     def chain(self) -> list[tuple[str, int, int]]:
@@ -331,8 +375,10 @@ class RemoteSequential:
         )
         response = self.client.http.post(
             f"{hop.server.url}/v1/forward", data=body, timeout=config.request_timeout,
-            headers={"Content-Type": "application/octet-stream"},
+            headers={"Content-Type": "application/octet-stream"}, verify=self.client.verify,
         )
+        if response.status_code == 401:
+            raise SwarmError(f"server {hop.server.id} refused the swarm token")
         frame = wire.raise_if_error(wire.decode(response.content, wire.WireLimits(max_tensor_bytes=config.max_message_bytes)))
         output = frame.tensors.get("hidden")
         if output is None or list(output.shape) != list(hidden.shape):
@@ -356,8 +402,9 @@ class RemoteSequential:
                     attempt += 1
                     if attempt > self.client.config.max_retries:
                         raise SwarmError(f"forward over blocks [{hop.start}, {hop.end}) failed: {error}") from error
-                    self.client.ban(hop.server.id)
-                    self.client.backoff(attempt)
+                    retry_after = error.retry_after if isinstance(error, ProtocolError) else None
+                    self.client.ban(hop.server.id, retry_after)
+                    self.client.backoff(attempt, retry_after)
                     break
                 at = hop.end
         return hidden

@@ -52,18 +52,22 @@ class ProtocolError(Exception):
     status = {"bad_request": 400, "unauthorized": 401, "not_found": 404, "too_large": 413,
               "overloaded": 503, "internal": 500}
 
-    def __init__(self, code: str, message: str, retryable: bool | None = None) -> None:
+    def __init__(self, code: str, message: str, retryable: bool | None = None, retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.retryable = code in ("overloaded", "internal") if retryable is None else retryable
+        self.retry_after = retry_after  # seconds a client should wait before asking again
 
     @property
     def http_status(self) -> int:
         return self.status.get(self.code, 500)
 
     def to_header(self) -> dict[str, Any]:
-        return {"kind": "error", "code": self.code, "message": self.message, "retryable": self.retryable}
+        header = {"kind": "error", "code": self.code, "message": self.message, "retryable": self.retryable}
+        if self.retry_after is not None:
+            header["retry_after"] = self.retry_after
+        return header
 
 
 @dataclass(frozen=True)
@@ -214,10 +218,12 @@ def parse_request(frame: Frame, allowed: tuple[str, ...]) -> Any:
 def raise_if_error(frame: Frame) -> Frame:
     """On the client: turn an ``error`` reply into a ProtocolError."""
     if frame.kind == "error":
+        retry_after = frame.header.get("retry_after")
         raise ProtocolError(
             str(frame.header.get("code", "internal")),
             str(frame.header.get("message", "")),
             bool(frame.header.get("retryable", False)),
+            float(retry_after) if isinstance(retry_after, int | float) and 0 <= retry_after <= 3600 else None,
         )
     return frame
 

@@ -9,10 +9,18 @@ import os
 import signal
 import sys
 
+from llmswarm.security import TOKEN_ENV, token_from_env
 from llmswarm_node.scheduler import BatchOptions
 from llmswarm_node.sessions import ServerLimits
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", help=f"swarm token required on every RPC (default: ${TOKEN_ENV})")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    parser.add_argument("--tls-ca", help="CA bundle (PEM) to verify https peers (route map) against")
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -54,6 +62,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a step may wait for companions to batch with")
     parser.add_argument("--prefill-chunk", type=int, default=batching.prefill_chunk,
                         help="long steps run this many tokens per pass, so decode steps of others keep flowing")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds open sessions may take to finish before the server exits")
+    add_security_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -90,6 +101,8 @@ def run_serve(args: argparse.Namespace) -> int:
             batch_wait=args.batch_wait_ms / 1000, prefill_chunk=args.prefill_chunk,
             threads=args.threads, decode_threads=args.decode_threads,
         ),
+        token=token_from_env(args.token), tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        drain_timeout=args.drain_timeout,
     )
     server = BlockServer(span, options)
     server.throughput = span.measure_throughput()
@@ -97,11 +110,11 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.getLogger("llmswarm.node").info("span [%d, %d): %.1f tokens/s", start, end, server.throughput)
 
     async def main() -> None:
-        task = asyncio.current_task()
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
-        await serve(server, args.host, args.port)
+            loop.add_signal_handler(sig, stop.set)  # drain: leave the route map, let open sessions finish
+        await serve(server, args.host, args.port, stop)
 
     try:
         asyncio.run(main())

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmswarm import wire
 from llmswarm.routemap import Announcement, ModelInfo, ServerRecord, ServerState
+from llmswarm.security import client_ssl_context, server_ssl_context, token_middleware
 from llmswarm.wire import DTYPES, ProtocolError
 from llmswarm_node.metrics import ServerMetrics
 from llmswarm_node.scheduler import BatchOptions, Scheduler
@@ -62,6 +63,11 @@ class ServerOptions:
     server_id: str | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     batching: BatchOptions = field(default_factory=BatchOptions)
+    token: str | None = None  # the swarm token: required on RPCs, sent to the route map
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None  # CA bundle to verify an https route map
+    drain_timeout: float = 30.0  # seconds open sessions may take to finish after SIGTERM
 
 
 class BlockServer:
@@ -86,7 +92,8 @@ class BlockServer:
 
     # ---- application -------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.limits.max_message_bytes + 64 * 1024)
+        app = web.Application(client_max_size=self.limits.max_message_bytes + 64 * 1024,
+                              middlewares=[token_middleware(self.options.token)])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/info", self.info)
@@ -217,7 +224,7 @@ class BlockServer:
         began = time.perf_counter()
         try:
             if self.state == "joining":
-                raise ProtocolError("overloaded", "the server is still starting")
+                raise ProtocolError("overloaded", "the server is still starting", retry_after=1.0)
             body = await request.read()
             frame = wire.decode(body, self.wire_limits)
             req = wire.parse_request(frame, ("forward",))
@@ -231,8 +238,9 @@ class BlockServer:
             return web.Response(body=reply, content_type="application/octet-stream")
         except ProtocolError as error:
             self._count("forward", error.code, began)
+            headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after is not None else None
             return web.Response(body=wire.encode(error.to_header()), status=error.http_status,
-                                content_type="application/octet-stream")
+                                content_type="application/octet-stream", headers=headers)
         except Exception as error:
             log.exception("forward failed")
             self._count("forward", "internal", began)
@@ -293,7 +301,7 @@ class BlockServer:
 
     def _open(self, owner: int, req: wire.OpenRequest) -> bytes:
         if self.state != "online":
-            raise ProtocolError("overloaded", f"the server is {self.state}, not taking new sessions")
+            raise ProtocolError("overloaded", f"the server is {self.state}, not taking new sessions", retry_after=1.0)
         self._check_span(req.start, req.end)
         session = self.sessions.open(
             owner, req.start, req.end, req.batch_size, req.max_length, req.wire_dtype,
@@ -342,8 +350,15 @@ class BlockServer:
             if response.status >= 400:
                 log.warning("route map refused the announcement: %s %s", response.status, await response.text())
 
+    def _route_map_session(self, timeout: float) -> aiohttp.ClientSession:
+        connector = None
+        if self.options.swarm and self.options.swarm.startswith("https://"):
+            connector = aiohttp.TCPConnector(ssl=client_ssl_context(self.options.tls_ca))
+        headers = {"Authorization": f"Bearer {self.options.token}"} if self.options.token else None
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=connector, headers=headers)
+
     async def _announce_forever(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        async with self._route_map_session(5) as http:
             while True:
                 try:
                     await self._announce(http)
@@ -354,11 +369,27 @@ class BlockServer:
     async def _leave(self) -> None:
         self.state = "draining"
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
+            async with self._route_map_session(3) as http:
                 async with http.delete(f"{self.options.swarm}/v1/servers/{self.id}"):
                     pass
         except (TimeoutError, aiohttp.ClientError, OSError):
             pass
+
+    async def drain(self) -> None:
+        """Leave the route map's online set, let open sessions finish (up to drain_timeout), then return."""
+        self.state = "draining"
+        log.info("draining: %d open session(s), up to %.0f s", len(self.sessions), self.options.drain_timeout)
+        if self.options.swarm:
+            try:
+                async with self._route_map_session(3) as http:
+                    await self._announce(http)
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                pass
+        deadline = time.monotonic() + self.options.drain_timeout
+        while len(self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if len(self.sessions):
+            log.warning("drain timeout: closing %d session(s); their clients fail over", len(self.sessions))
 
 
 def _request_id(data: bytes) -> int | None:
@@ -369,22 +400,22 @@ def _request_id(data: bytes) -> int | None:
     return value if isinstance(value, int) else None
 
 
-async def serve(server: BlockServer, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    """Run the server until cancelled."""
-    runner = web.AppRunner(server.app(), access_log=None)
+async def serve(server: BlockServer, host: str, port: int, stop: asyncio.Event | None = None) -> None:
+    """Run the server until `stop` is set (then drain) or until cancelled (no drain)."""
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    context = server_ssl_context(server.options.tls_cert, server.options.tls_key)
+    site = web.TCPSite(runner, host, port, ssl_context=context)
     await site.start()
     bound_port = runner.addresses[0][1]
     if not server.url:
-        server.url = f"http://{host}:{bound_port}"
+        server.url = f"{'https' if context else 'http'}://{host}:{bound_port}"
     server.state = "online"
     server.start_announcing()
     print(f"llmswarm-node {server.id} serving blocks [{server.span.start}, {server.span.end}) at {server.url}",
           flush=True)
-    if ready is not None:
-        ready.set()
     try:
-        await asyncio.Event().wait()
+        await (stop or asyncio.Event()).wait()
+        await server.drain()
     finally:
         await runner.cleanup()

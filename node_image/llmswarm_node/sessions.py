@@ -15,6 +15,8 @@ from typing import Any
 
 from llmswarm.wire import ProtocolError
 
+RETRY_AFTER = 1.0  # seconds a refused client is told to wait
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -74,7 +76,8 @@ class SessionTable:
         if batch_size > limits.max_batch:
             raise ProtocolError("too_large", f"batch_size {batch_size} exceeds this server's limit {limits.max_batch}")
         if len(self._sessions) >= limits.max_sessions:
-            raise ProtocolError("overloaded", f"{len(self._sessions)} sessions open, the limit is {limits.max_sessions}")
+            raise ProtocolError("overloaded", f"{len(self._sessions)} sessions open, the limit is {limits.max_sessions}",
+                                retry_after=RETRY_AFTER)
         need = self.reservation(start, end, batch_size, max_length)
         free = limits.kv_cache_bytes - self.reserved_bytes
         if need > limits.kv_cache_bytes:
@@ -82,7 +85,7 @@ class SessionTable:
                 "too_large", f"the session needs {need} cache bytes, more than this server's whole budget {limits.kv_cache_bytes}"
             )
         if need > free:
-            raise ProtocolError("overloaded", f"the session needs {need} cache bytes, {free} are free")
+            raise ProtocolError("overloaded", f"the session needs {need} cache bytes, {free} are free", retry_after=RETRY_AFTER)
         session = Session(next(self._ids), owner, start, end, max_length, batch_size, wire_dtype, cache, need)
         self._sessions[session.id] = session
         return session

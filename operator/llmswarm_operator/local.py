@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -17,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
 from aiohttp import web
 from tqdm.auto import tqdm
 
 from llmswarm.routemap import ModelInfo, RouteMap
+from llmswarm.security import TOKEN_ENV, server_ssl_context
 from llmswarm.source import resolve
 from llmswarm_operator.placement import Span, place_spans
 from llmswarm_operator.routemap_service import RouteMapService
@@ -45,13 +46,19 @@ class LocalSwarmOptions:
     log_dir: Path | None = None
     start_timeout: float = 300.0
     progress: bool = True
+    token: str | None = None  # swarm token for the route map and every server
+    tls_cert: str | None = None  # serve the route map and the servers over HTTPS
+    tls_key: str | None = None
+    tls_ca: str | None = None  # CA bundle the servers use to verify the route map
 
 
 class _RouteMapThread:
     """The route-map service on its own event loop in a background thread."""
 
-    def __init__(self, host: str, port: int, model: ModelInfo) -> None:
-        self.service = RouteMapService(model)
+    def __init__(self, host: str, port: int, model: ModelInfo, token: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.service = RouteMapService(model, token=token)
+        self._ssl = ssl_context
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -72,7 +79,7 @@ class _RouteMapThread:
         runner = web.AppRunner(self.service.app(), access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, ssl_context=self._ssl).start()
         except OSError as error:
             self._error = error
             self._ready.set()
@@ -105,8 +112,9 @@ class LocalSwarm:
         source = resolve(o.model, progress=o.progress)  # convert once here, not in every server
         self.spans = place_spans(source.num_blocks, o.servers, o.redundancy, o.blocks_per_server)
         model = ModelInfo(name=source.name, num_blocks=source.num_blocks, hidden_size=int(source.config.hidden_size))
-        self._routemap = _RouteMapThread(o.host, o.port, model)
-        self.url = f"http://{o.host}:{self._routemap.port}"
+        context = server_ssl_context(o.tls_cert, o.tls_key)
+        self._routemap = _RouteMapThread(o.host, o.port, model, o.token, context)
+        self.url = f"{'https' if context else 'http'}://{o.host}:{self._routemap.port}"
         log_dir = o.log_dir or Path(tempfile.mkdtemp(prefix="llmswarm-logs-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         for index, span in enumerate(self.spans):
@@ -123,8 +131,14 @@ class LocalSwarm:
         ]
         if o.threads:
             command += ["--threads", str(o.threads)]
+        if o.tls_cert and o.tls_key:
+            command += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key]
+        if o.tls_ca:
+            command += ["--tls-ca", o.tls_ca]
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                "TOKENIZERS_PARALLELISM": "false"}
+        if o.token:
+            env[TOKEN_ENV] = o.token  # not on the command line, where `ps` would show it
         with open(log_file, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)
@@ -163,7 +177,7 @@ class LocalSwarm:
                 process.terminate()
         for process in self.processes:
             try:
-                process.wait(15)
+                process.wait(45)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -176,14 +190,3 @@ class LocalSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_for_routes(url: str, timeout: float = 10.0) -> RouteMap:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return RouteMap.model_validate_json(requests.get(f"{url}/v1/routes", timeout=2).content)
-        except requests.RequestException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

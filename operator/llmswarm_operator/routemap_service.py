@@ -4,6 +4,8 @@
   POST   /v1/servers         announce or heartbeat (Announcement JSON)
   DELETE /v1/servers/{id}    leave the map
   GET    /healthz, /metrics
+
+With a swarm token set, everything but /healthz and /metrics needs it (security.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from pydantic import ValidationError
 
 from llmswarm.routemap import STATES, Announcement, ModelInfo
+from llmswarm.security import token_middleware
 from llmswarm_operator.routetable import ModelMismatch, RouteTable
 
 log = logging.getLogger("llmswarm.routemap")
@@ -24,8 +27,9 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 class RouteMapService:
-    def __init__(self, model: ModelInfo | None = None, expiry_interval: float = 1.0) -> None:
+    def __init__(self, model: ModelInfo | None = None, expiry_interval: float = 1.0, token: str | None = None) -> None:
         self.table = RouteTable(model)
+        self.token = token
         self.expiry_interval = expiry_interval
         self.registry = CollectorRegistry()
         self._version = Gauge("llmswarm_routemap_version", "Version of the published route map", registry=self.registry)
@@ -40,7 +44,7 @@ class RouteMapService:
         self._expiry: asyncio.Task[None] | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[token_middleware(self.token)])
         app.router.add_get("/v1/routes", self.routes)
         app.router.add_post("/v1/servers", self.announce)
         app.router.add_delete("/v1/servers/{server_id}", self.leave)
