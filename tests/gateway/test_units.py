@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 
+import openai
 import pytest
 import torch
 from aiohttp import web
@@ -13,11 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-from llmswarm.gateway.errors import ApiError
+from llmswarm.gateway.engine import Delta, Failed, Job, SamplingParams
+from llmswarm.gateway.errors import ApiError, unavailable
+from llmswarm.gateway.metrics import GatewayMetrics
 from llmswarm.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, parse_request
 from llmswarm.gateway.options import GatewayOptions
 from llmswarm.gateway.sampling import OpenAIPenalties, SeededSampler, request_generator
-from llmswarm.gateway.streaming import ClientGone, SseWriter
+from llmswarm.gateway.streaming import ChatChunks, ClientGone, SseWriter, stream_job
 from llmswarm.gateway.text import TextTracker
 
 # ---- TextTracker ---------------------------------------------------------------------------------------------
@@ -245,3 +248,34 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() 
     assert outcome.get("reason") == "slow_client"
     assert 0.5 <= float(outcome["seconds"]) < 15  # type: ignore[arg-type]
     assert int(outcome["sent"]) < 20000  # type: ignore[call-overload]
+
+
+# ---- a failure in the middle of a stream ---------------------------------------------------------------------
+
+
+async def test_a_failure_mid_stream_ends_it_with_an_error_event_the_openai_client_raises() -> None:
+    """The stream's protocol on its own: pieces already sent stay, then an error event (what OpenAI sends)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        job = Job([1, 2, 3], SamplingParams(max_tokens=8), asyncio.get_running_loop(), GatewayMetrics())
+        job.post(Delta("Hello", [("local-0", 0, 30)]))
+        job.post(Delta(" wor"))
+        job.post(Failed(unavailable("The swarm could not serve the request: server local-0 is gone")))
+        return await stream_job(request, job, ChatChunks("chatcmpl-x", 0, "m"), include_usage=False, write_timeout=5)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    pieces: list[str] = []
+    try:
+        stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+        with pytest.raises(openai.APIError, match="server local-0 is gone"):
+            async for chunk in stream:
+                pieces.append(chunk.choices[0].delta.content or "")
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert "".join(pieces) == "Hello wor"
