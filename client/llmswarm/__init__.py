@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DistributedModelForCausalLM": "llmswarm.model",
+    "DistributedModelForSequenceClassification": "llmswarm.model",
     "RemoteCache": "llmswarm.model",
     "ClientConfig": "llmswarm.remote",
     "InferenceSession": "llmswarm.remote",

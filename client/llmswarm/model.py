@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 from llmswarm.arch import architecture_of
+from llmswarm.autograd import remote_blocks
 from llmswarm.coalesce import Coalescer
 from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SwarmClient, SwarmError
 from llmswarm.security import token_from_env
@@ -31,12 +32,13 @@ from llmswarm.source import ModelDir, load_state, resolve
 class RemoteCache(Cache):
     """What generate() sees as the KV cache: the server-side caches of one inference session."""
 
-    def __init__(self, session: InferenceSession) -> None:
+    def __init__(self, session: InferenceSession, prefix: int = 0) -> None:
         super().__init__(layers=[])
         self.session = session
+        self.prefix = prefix  # prompt-tuning tokens the servers hold before the user's tokens
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return self.session.position
+        return max(0, self.session.position - self.prefix)
 
     @property
     def is_linear(self) -> list[bool]:
@@ -51,7 +53,7 @@ class RemoteCache(Cache):
         return False
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.session.position + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported through the swarm")
@@ -72,18 +74,22 @@ def _client_part(source: ModelDir, dtype: torch.dtype) -> PreTrainedModel:
     return local.eval().requires_grad_(False)
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
-    """A causal LM served by a swarm. Build it with :meth:`from_pretrained`."""
+TUNING_MODES = ("ptune", "deep_ptune")
 
-    _supports_cache_class = True
 
-    def __init__(self, config: PretrainedConfig, local: PreTrainedModel, client: SwarmClient,
-                 tokenizer: Any = None) -> None:
+class _DistributedModel(PreTrainedModel):
+    """What every swarm-backed model holds locally: embeddings, final norm, optional trainable prompts."""
+
+    def __init__(self, config: PretrainedConfig, local: PreTrainedModel, client: SwarmClient, tokenizer: Any = None,
+                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None) -> None:
         super().__init__(config)
+        if tuning_mode is not None and (tuning_mode not in TUNING_MODES or pre_seq_len < 1):
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES} with pre_seq_len >= 1")
         self.local = local
         self.arch = architecture_of(config)
         self.client = client
-        self.remote = RemoteSequential(client, config.num_hidden_layers)
+        self.remote = RemoteSequential(client, config.num_hidden_layers, adapter)
+        self.adapter = adapter
         self.tokenizer = tokenizer
         self.generation_config = local.generation_config
         self._local_state = threading.local()  # the active session is per thread: one model serves many users
@@ -91,10 +97,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.embed: nn.Module = getattr(base, self.arch.embed)
         self.embed_norm: nn.Module = getattr(base, self.arch.embed_norm) if self.arch.embed_norm else nn.Identity()
         self.final_norm: nn.Module = getattr(base, self.arch.final_norm)
-        self.lm_head: nn.Module = local.lm_head
-        self._head = Coalescer(lambda hidden: self.lm_head(self.final_norm(hidden)))
-        self._generating = 0  # threads inside generate(): how many may share one LM-head pass
-        self._generating_lock = threading.Lock()
+        self.tuning_mode = tuning_mode
+        self.pre_seq_len = pre_seq_len if tuning_mode else 0
+        hidden = int(config.hidden_size)
+        if tuning_mode is not None:
+            # Trainable prompts live on the client, as in Petals: shallow ones are prepended to the
+            # input embeddings; deep ones (one per block) are added by each server to its input.
+            self.prompt_embeddings = nn.Embedding(pre_seq_len, hidden, dtype=local.dtype)
+            nn.init.normal_(self.prompt_embeddings.weight, std=float(getattr(config, "initializer_range", 0.02)))
+        if tuning_mode == "deep_ptune":
+            self.intermediate_prompt_embeddings = nn.Embedding(pre_seq_len, config.num_hidden_layers * hidden, dtype=local.dtype)
+            nn.init.zeros_(self.intermediate_prompt_embeddings.weight)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -107,11 +120,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         progress: bool = True,
         token: str | None = None,
         tls_ca: str | None = None,
-    ) -> DistributedModelForCausalLM:
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        active_adapter: str | None = None,
+        **model_kwargs: Any,
+    ) -> Any:
         """Load the local part of `spec` and connect to the swarm's route map at `swarm`.
 
         `token` is the swarm token (default: $LLMSWARM_TOKEN); `tls_ca` a CA bundle to verify
-        https servers with.
+        https servers with. `tuning_mode` ("ptune" or "deep_ptune") with `pre_seq_len` adds
+        trainable prompts; `active_adapter` selects a LoRA adapter the servers host.
         """
         source = resolve(spec, progress=progress)
         config = copy.deepcopy(client_config) if client_config else ClientConfig()
@@ -133,14 +151,78 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             tokenizer = source.tokenizer()
         except (OSError, ValueError, TypeError):  # a model directory without a tokenizer (tests' tiny models)
             tokenizer = None
-        model = cls(source.config, local, client, tokenizer=tokenizer)
+        model = cls(source.config, local, client, tokenizer=tokenizer, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len,
+                    adapter=active_adapter, **model_kwargs)
         return model.eval()
+
+    def embed_inputs(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+    def prompts(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Shallow prompts [batch, prefix, hidden] and deep prompts [blocks, batch, prefix, hidden] (or None)."""
+        if self.tuning_mode is None:
+            return None, None
+        shallow = self.prompt_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)
+        if self.tuning_mode != "deep_ptune":
+            return shallow, None
+        deep = self.intermediate_prompt_embeddings.weight.view(self.pre_seq_len, self.config.num_hidden_layers, -1)
+        return shallow, deep.permute(1, 0, 2).unsqueeze(1).expand(-1, batch, -1, -1)
+
+    def run_blocks(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None, session: InferenceSession | None = None,
+                   past: int = 0) -> torch.Tensor:
+        """Embeddings in, hidden states after the last block out (prompts added and removed here).
+
+        With prompts, the prefix takes positions 0..prefix-1 and is always attended; the tokens'
+        own positions shift by the prefix length.
+        """
+        batch, new = inputs_embeds.shape[:2]
+        prefix = self.pre_seq_len
+        if position_ids is None:
+            position_ids = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)
+        hidden = inputs_embeds
+        shallow, deep = self.prompts(batch)
+        first_step = session is None or session.position == 0
+        if prefix:
+            position_ids = position_ids + prefix
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(batch, prefix), attention_mask], dim=1)
+            if first_step:
+                assert shallow is not None
+                hidden = torch.cat([shallow.to(hidden.dtype), hidden], dim=1)
+                position_ids = torch.cat([torch.arange(prefix).unsqueeze(0).expand(batch, -1), position_ids], dim=1)
+        hidden = self.embed_norm(hidden)
+        if session is not None:
+            if deep is not None:
+                raise NotImplementedError("inference sessions do not carry deep prompts yet; use tuning_mode='ptune'")
+            output = session.step(hidden, attention_mask, position_ids)
+            return output[:, prefix:] if prefix and first_step else output
+        if torch.is_grad_enabled() or deep is not None:
+            output = remote_blocks(self.remote, hidden, attention_mask, position_ids, deep)
+        else:
+            output = self.remote.forward(hidden, attention_mask, position_ids)
+        return output[:, prefix:] if prefix else output
+
+
+class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
+    """A causal LM served by a swarm. Build it with :meth:`from_pretrained`."""
+
+    _supports_cache_class = True
+
+    def __init__(self, config: PretrainedConfig, local: PreTrainedModel, client: SwarmClient, tokenizer: Any = None,
+                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None) -> None:
+        super().__init__(config, local, client, tokenizer, tuning_mode, pre_seq_len, adapter)
+        self.lm_head: nn.Module = local.lm_head
+        self._head = Coalescer(lambda hidden: self.lm_head(self.final_norm(hidden)))
+        self._generating = 0  # threads inside generate(): how many may share one LM-head pass
+        self._generating_lock = threading.Lock()
 
     # ---- sessions ----------------------------------------------------------------------------------------
     @contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
         """Open server-side caches for up to `max_length` tokens; generate() inside uses them."""
-        session = InferenceSession(self.client, self.config.num_hidden_layers, max_length, batch_size)
+        session = InferenceSession(self.client, self.config.num_hidden_layers, max_length + self.pre_seq_len, batch_size,
+                                   adapter=self.adapter)
         outer = self.active_session
         self._local_state.session = session
         try:
@@ -155,9 +237,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return getattr(self._local_state, "session", None)
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def embed_inputs(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        return self.embed(input_ids)
-
     def forward(  # type: ignore[override]
         self,
         input_ids: torch.LongTensor | None = None,
@@ -175,16 +254,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids)
-        batch, new = inputs_embeds.shape[:2]
         session = cache.session if isinstance(cache, RemoteCache) else None
-        past = session.position if session is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)
-        hidden = self.embed_norm(inputs_embeds)
-        if session is not None:
-            hidden = session.step(hidden, attention_mask, position_ids)
-        else:
-            hidden = self.remote.forward(hidden, attention_mask, position_ids)
+        past = cache.get_seq_length() if isinstance(cache, RemoteCache) else 0
+        hidden = self.run_blocks(inputs_embeds, attention_mask, position_ids, session, past)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         if torch.is_grad_enabled():
@@ -216,7 +288,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return super().generate(inputs, generation_config, **kwargs)
         session = session or self.active_session
         if session is not None:
-            return super().generate(inputs, generation_config, cache=RemoteCache(session), **kwargs)
+            return super().generate(inputs, generation_config, cache=RemoteCache(session, self.pre_seq_len), **kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if ids is None:
             raise ValueError("generate() through the swarm needs input_ids")
@@ -225,7 +297,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         max_length = ids.shape[1] + max_new if max_new else kwargs.get("max_length") or config.max_length
         batch = ids.shape[0] * int(kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
         with self._counted(), self.inference_session(max_length=max_length, batch_size=batch) as opened:
-            return super().generate(inputs, generation_config, cache=RemoteCache(opened), **kwargs)
+            return super().generate(inputs, generation_config, cache=RemoteCache(opened, self.pre_seq_len), **kwargs)
 
     @contextmanager
     def _counted(self) -> Iterator[None]:
@@ -236,3 +308,39 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             with self._generating_lock:
                 self._generating -= 1
+
+
+class DistributedModelForSequenceClassification(_DistributedModel):
+    """Sequence classification over a swarm: the blocks remote, a trainable classification head local.
+
+    Like transformers' ``*ForSequenceClassification``, the head reads the hidden state of each
+    sequence's last non-padding token (right padding).
+    """
+
+    def __init__(self, config: PretrainedConfig, local: PreTrainedModel, client: SwarmClient, tokenizer: Any = None,
+                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None, num_labels: int = 2) -> None:
+        super().__init__(config, local, client, tokenizer, tuning_mode, pre_seq_len, adapter)
+        self.num_labels = num_labels
+        self.score = nn.Linear(int(config.hidden_size), num_labels, bias=False, dtype=local.dtype)
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids)
+        hidden = self.final_norm(self.run_blocks(inputs_embeds, attention_mask))
+        if attention_mask is None:
+            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1)
+        else:
+            last = attention_mask.long().sum(dim=1) - 1
+        pooled = hidden[torch.arange(hidden.shape[0]), last]
+        logits = self.score(pooled)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)

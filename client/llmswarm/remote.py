@@ -165,7 +165,7 @@ class _History:
 class SpanSession:
     """One server's inference session over blocks [start, end) of the chain."""
 
-    def __init__(self, client: SwarmClient, hop: Hop, max_length: int, batch_size: int) -> None:
+    def __init__(self, client: SwarmClient, hop: Hop, max_length: int, batch_size: int, adapter: str | None = None) -> None:
         self.client = client
         self.hop = hop
         self.server_id = hop.server.id
@@ -184,10 +184,13 @@ class SpanSession:
                 raise SwarmError(f"server {hop.server.id} refused the swarm token") from None
             raise
         try:
-            reply = self._call({
+            header: dict[str, object] = {
                 "kind": "open", "start": self.start, "end": self.end, "max_length": max_length,
                 "batch_size": batch_size, "wire_dtype": config.wire_dtype,
-            })
+            }
+            if adapter is not None:
+                header["adapter"] = adapter
+            reply = self._call(header)
         except BaseException:
             self.socket.close()
             raise
@@ -234,8 +237,10 @@ class InferenceSession:
     and returns the hidden states after the last block.
     """
 
-    def __init__(self, client: SwarmClient, num_blocks: int, max_length: int, batch_size: int = 1) -> None:
+    def __init__(self, client: SwarmClient, num_blocks: int, max_length: int, batch_size: int = 1,
+                 adapter: str | None = None) -> None:
         self.client = client
+        self.adapter = adapter
         self.num_blocks = num_blocks
         self.max_length = max_length
         self.batch_size = batch_size
@@ -256,7 +261,7 @@ class InferenceSession:
             try:
                 for hop in self.client.chain(start, end, exclude):
                     try:
-                        opened.append(SpanSession(self.client, hop, self.max_length, self.batch_size))
+                        opened.append(SpanSession(self.client, hop, self.max_length, self.batch_size, self.adapter))
                     except ProtocolError as error:
                         if not error.retryable:
                             raise SwarmError(f"server {hop.server.id} refused blocks [{hop.start}, {hop.end}): {error}") from error
@@ -355,56 +360,130 @@ class InferenceSession:
         self.close()
 
 
-class RemoteSequential:
-    """Stateless forward through every block (no cache): for scoring and training."""
+@dataclass
+class Trace:
+    """What a stateless forward went through: each hop and the hidden states it received (for backward)."""
 
-    def __init__(self, client: SwarmClient, num_blocks: int) -> None:
+    hops: list[Hop] = field(default_factory=list)
+    inputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class RemoteSequential:
+    """Stateless forward and backward through blocks (no cache): for scoring and training.
+
+    Both retry like inference sessions: a failing server is avoided and its blocks routed again.
+    `prompts` are deep prompts [num_blocks, batch, prefix, hidden]; each hop gets its blocks' slice.
+    """
+
+    def __init__(self, client: SwarmClient, num_blocks: int, adapter: str | None = None) -> None:
         self.client = client
         self.num_blocks = num_blocks
+        self.adapter = adapter
 
-    def _forward_hop(self, hop: Hop, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                     position_ids: torch.Tensor | None) -> torch.Tensor:
+    def _call(self, kind: str, hop: Hop, tensors: dict[str, torch.Tensor | None]) -> wire.Frame:
         config = self.client.config
-        tensors = {"hidden": hidden.to(DTYPES[config.wire_dtype])}
-        if attention_mask is not None:
-            tensors["attention_mask"] = attention_mask.to(torch.int64)
-        if position_ids is not None:
-            tensors["position_ids"] = position_ids.to(torch.int64)
-        body = wire.encode(
-            {"kind": "forward", "start": hop.start, "end": hop.end, "wire_dtype": config.wire_dtype}, tensors
-        )
+        wire_dtype = DTYPES[config.wire_dtype]
+        payload = {}
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                payload[name] = tensor.to(wire_dtype) if tensor.is_floating_point() else tensor.to(torch.int64)
+        header: dict[str, object] = {"kind": kind, "start": hop.start, "end": hop.end, "wire_dtype": config.wire_dtype}
+        if self.adapter is not None:
+            header["adapter"] = self.adapter
         response = self.client.http.post(
-            f"{hop.server.url}/v1/forward", data=body, timeout=config.request_timeout,
+            f"{hop.server.url}/v1/{kind}", data=wire.encode(header, payload), timeout=config.request_timeout,
             headers={"Content-Type": "application/octet-stream"}, verify=self.client.verify,
         )
         if response.status_code == 401:
             raise SwarmError(f"server {hop.server.id} refused the swarm token")
-        frame = wire.raise_if_error(wire.decode(response.content, wire.WireLimits(max_tensor_bytes=config.max_message_bytes)))
+        return wire.raise_if_error(wire.decode(response.content, wire.WireLimits(max_tensor_bytes=config.max_message_bytes)))
+
+    def _forward_hop(self, hop: Hop, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None, prompts: torch.Tensor | None) -> torch.Tensor:
+        deep = None if prompts is None else prompts[hop.start:hop.end]
+        frame = self._call("forward", hop, {"hidden": hidden, "attention_mask": attention_mask,
+                                            "position_ids": position_ids, "prompts": deep})
         output = frame.tensors.get("hidden")
         if output is None or list(output.shape) != list(hidden.shape):
             raise ProtocolError("internal", f"server {hop.server.id} returned a malformed output")
         return output.to(hidden.dtype)
 
+    def _backward_hop(self, hop: Hop, hidden: torch.Tensor, grad_output: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None, prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        deep = None if prompts is None else prompts[hop.start:hop.end]
+        frame = self._call("backward", hop, {"hidden": hidden, "grad_output": grad_output, "attention_mask": attention_mask,
+                                             "position_ids": position_ids, "prompts": deep})
+        grad_hidden = frame.tensors.get("grad_hidden")
+        grad_prompts = frame.tensors.get("grad_prompts")
+        if grad_hidden is None or grad_hidden.shape != hidden.shape or (deep is not None and (
+                grad_prompts is None or grad_prompts.shape != deep.shape)):
+            raise ProtocolError("internal", f"server {hop.server.id} returned malformed gradients")
+        return grad_hidden.to(hidden.dtype), None if grad_prompts is None else grad_prompts.to(hidden.dtype)
+
+    def _retry(self, error: Exception, hop: Hop, attempt: int, what: str) -> int:
+        if isinstance(error, ProtocolError) and not error.retryable:
+            raise error
+        attempt += 1
+        if attempt > self.client.config.max_retries:
+            raise SwarmError(f"{what} over blocks [{hop.start}, {hop.end}) failed: {error}") from error
+        retry_after = error.retry_after if isinstance(error, ProtocolError) else None
+        self.client.ban(hop.server.id, retry_after)
+        self.client.backoff(attempt, retry_after)
+        return attempt
+
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        at, attempt = 0, 0
-        while at < self.num_blocks:
+                position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+                start: int = 0, end: int | None = None, trace: Trace | None = None) -> torch.Tensor:
+        """Hidden states after blocks [start, end); `trace` records each hop's inputs for backward."""
+        end = self.num_blocks if end is None else end
+        at, attempt = start, 0
+        while at < end:
             try:
-                chain = self.client.chain(at, self.num_blocks)
+                chain = self.client.chain(at, end)
             except NoRoute as error:
                 raise SwarmError(str(error)) from error
             for hop in chain:
                 try:
-                    hidden = self._forward_hop(hop, hidden, attention_mask, position_ids)
+                    output = self._forward_hop(hop, hidden, attention_mask, position_ids, prompts)
                 except (*_TRANSPORT_ERRORS, ProtocolError) as error:
-                    if isinstance(error, ProtocolError) and not error.retryable:
-                        raise
-                    attempt += 1
-                    if attempt > self.client.config.max_retries:
-                        raise SwarmError(f"forward over blocks [{hop.start}, {hop.end}) failed: {error}") from error
-                    retry_after = error.retry_after if isinstance(error, ProtocolError) else None
-                    self.client.ban(hop.server.id, retry_after)
-                    self.client.backoff(attempt, retry_after)
+                    attempt = self._retry(error, hop, attempt, "forward")
                     break
-                at = hop.end
+                if trace is not None:
+                    trace.hops.append(hop)
+                    trace.inputs.append(hidden)
+                hidden, at = output, hop.end
         return hidden
+
+    def backward(self, trace: Trace, grad_output: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of the first hop's inputs (and of the deep prompts), hop by hop in reverse."""
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+        grad = grad_output
+        for hop, hidden in zip(reversed(trace.hops), reversed(trace.inputs), strict=True):
+            grad, grad_deep = self._backward_range(hop, hidden, grad, attention_mask, position_ids, prompts)
+            if grad_prompts is not None and grad_deep is not None:
+                grad_prompts[hop.start:hop.end] += grad_deep
+        return grad, grad_prompts
+
+    def _backward_range(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None, prompts: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attempt = 0
+        while True:
+            try:
+                return self._backward_hop(hop, hidden, grad, attention_mask, position_ids, prompts)
+            except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+                attempt = self._retry(error, hop, attempt, "backward")
+            # The server is gone: recompute this hop's blocks on other servers, then go back through them.
+            inner = Trace()
+            try:
+                self.forward(hidden, attention_mask, position_ids, prompts, hop.start, hop.end, inner)
+                grad_prompts = None if prompts is None else torch.zeros_like(prompts[hop.start:hop.end])
+                for sub, sub_hidden in zip(reversed(inner.hops), reversed(inner.inputs), strict=True):
+                    grad, deep = self._backward_hop(sub, sub_hidden, grad, attention_mask, position_ids, prompts)
+                    if grad_prompts is not None and deep is not None:
+                        grad_prompts[sub.start - hop.start:sub.end - hop.start] += deep
+                return grad, grad_prompts
+            except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+                attempt = self._retry(error, hop, attempt, "backward")

@@ -11,10 +11,12 @@ tensor is made; tensors are then views over the received buffer (``torch.frombuf
 
 Message kinds (requests -> replies):
 
-* ``open`` {start, end, max_length, batch_size?, wire_dtype?} -> ``opened`` {session}
+* ``open`` {start, end, max_length, batch_size?, wire_dtype?, adapter?} -> ``opened`` {session}
 * ``step`` {session} + hidden, attention_mask?, position_ids? -> ``output`` {session} + hidden
 * ``close`` {session} -> ``closed`` {session}
-* ``forward`` {start, end, wire_dtype?} + hidden, attention_mask?, position_ids? -> ``output`` + hidden
+* ``forward`` {start, end, wire_dtype?, adapter?} + hidden, attention_mask?, position_ids?, prompts? -> ``output`` + hidden
+* ``backward`` {start, end, wire_dtype?, adapter?} + hidden, attention_mask?, position_ids?, prompts?, grad_output
+  -> ``gradients`` + grad_hidden, grad_prompts?
 * any request -> ``error`` {code, message, retryable}
 """
 
@@ -100,6 +102,7 @@ class OpenRequest(_Strict):
     max_length: Annotated[int, Field(ge=1, le=2**31)]
     batch_size: Annotated[int, Field(ge=1, le=2**31)] = 1
     wire_dtype: WireDtype = "float32"
+    adapter: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     request_id: NonNegInt | None = None
 
 
@@ -115,11 +118,24 @@ class CloseRequest(_Strict):
     request_id: NonNegInt | None = None
 
 
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
 class ForwardRequest(_Strict):
     kind: Literal["forward"]
     start: NonNegInt
     end: NonNegInt
     wire_dtype: WireDtype = "float32"
+    adapter: AdapterName | None = None
+    request_id: NonNegInt | None = None
+
+
+class BackwardRequest(_Strict):
+    kind: Literal["backward"]
+    start: NonNegInt
+    end: NonNegInt
+    wire_dtype: WireDtype = "float32"
+    adapter: AdapterName | None = None
     request_id: NonNegInt | None = None
 
 
@@ -129,6 +145,7 @@ _REQUESTS: dict[str, type[_Strict]] = {
     "step": StepRequest,
     "close": CloseRequest,
     "forward": ForwardRequest,
+    "backward": BackwardRequest,
 }
 
 

@@ -56,11 +56,11 @@ def batchable(cache: DynamicCache) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def run_steps(span: SpanModel, start: int, end: int, steps: list[StepInput]) -> list[torch.Tensor]:
-    """Run steps with the same number of new tokens through blocks [start, end) in one pass."""
+def run_steps(span: SpanModel, start: int, end: int, steps: list[StepInput], adapter: str | None = None) -> list[torch.Tensor]:
+    """Run steps with the same number of new tokens (and adapter) through blocks [start, end) in one pass."""
     if len(steps) == 1:
         step = steps[0]
-        return [span.forward(step.hidden, step.attention_mask, step.position_ids, step.cache, start, end)]
+        return [span.forward(step.hidden, step.attention_mask, step.position_ids, step.cache, start, end, adapter=adapter)]
     new = steps[0].new_tokens
     if any(s.new_tokens != new for s in steps):
         raise ValueError("steps in one pass must have the same number of new tokens")
@@ -89,7 +89,7 @@ def run_steps(span: SpanModel, start: int, end: int, steps: list[StepInput]) -> 
         row += s.rows
     positions = torch.cat([s.full_positions() for s in steps])
     hidden = torch.cat([s.hidden.to(span.dtype) for s in steps])
-    output = span.forward(hidden, mask, positions, combined, start, end)
+    output = span.forward(hidden, mask, positions, combined, start, end, adapter=adapter)
     # Each session's cache becomes a view of its own rows of the combined cache (past and
     # new tokens, without the padding): no copy, and the next update appends to it.
     outputs, row = [], 0

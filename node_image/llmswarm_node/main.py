@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -21,6 +22,13 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle (PEM) to verify https peers (route map) against")
+
+
+def parse_adapter(text: str) -> str:
+    name, _, path = text.partition("=")
+    if not name or not path or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH with NAME of letters, digits, _.-, got {text!r}")
+    return text
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -44,6 +52,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm", help="route-map URL to announce this server to")
     parser.add_argument("--server-id", help="stable id in the route map (default: hostname + random suffix)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the blocks")
+    parser.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
+                        help="quantize the blocks' linear layers with bitsandbytes (fits more blocks in memory)")
+    parser.add_argument("--adapters", nargs="*", default=[], type=parse_adapter, metavar="NAME=PATH",
+                        help="PEFT LoRA adapters (directories) that clients can select by name")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for prefill and bulk work (0: torch's default)")
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="torch threads for decode steps of a few tokens (0: same as --threads)")
@@ -83,7 +95,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if end > source.num_blocks:
         print(f"error: span {start}:{end} is outside the model's {source.num_blocks} blocks", file=sys.stderr)
         return 2
-    span = SpanModel(source, start, end, dtype=getattr(torch, args.dtype), progress=not args.quiet)
+    span = SpanModel(source, start, end, dtype=getattr(torch, args.dtype), progress=not args.quiet,
+                     quantization=args.quantization)
+    for adapter in args.adapters:
+        name, _, path = adapter.partition("=")
+        span.load_adapter(name, path)
     limits = ServerLimits(
         max_sessions=args.max_sessions,
         max_length=args.max_length,

@@ -51,7 +51,7 @@ class _Work:
     position_ids: torch.Tensor | None
     enqueued: float = field(default_factory=time.monotonic)
 
-    def resolve(self, result: torch.Tensor | BaseException) -> None:
+    def resolve(self, result: Any) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, result)
 
 
@@ -62,9 +62,9 @@ class _Step(_Work):
     pieces: list[torch.Tensor] = field(default_factory=list)
 
     @property
-    def key(self) -> tuple[int, int, int]:
+    def key(self) -> tuple[int, int, int, str | None]:
         assert self.session is not None
-        return self.session.start, self.session.end, self.hidden.shape[1]
+        return self.session.start, self.session.end, self.hidden.shape[1], self.session.adapter
 
     def chunk(self, size: int) -> StepInput:
         assert self.session is not None
@@ -79,13 +79,21 @@ class _Step(_Work):
 
 @dataclass
 class _Forward(_Work):
+    """Stateless work: a forward, or a backward when `grad_output` is set (resolves to (grad_hidden, grad_prompts))."""
+
     start: int = 0
     end: int = 0
+    prompts: torch.Tensor | None = None
+    adapter: str | None = None
+    grad_output: torch.Tensor | None = None
 
     @property
     def key(self) -> tuple[Any, ...]:
+        if self.grad_output is not None:
+            return ("backward", id(self))  # backward passes run one request at a time
+        prompts = None if self.prompts is None else (self.prompts.shape[0], *self.prompts.shape[2:])
         return (self.start, self.end, tuple(self.hidden.shape[1:]), self.attention_mask is None,
-                self.position_ids is None)
+                self.position_ids is None, prompts, self.adapter)
 
 
 class Scheduler:
@@ -119,9 +127,12 @@ class Scheduler:
         return work.future
 
     def forward(self, start: int, end: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None) -> asyncio.Future[torch.Tensor]:
+                position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None, adapter: str | None = None,
+                grad_output: torch.Tensor | None = None) -> asyncio.Future[Any]:
+        """A stateless forward, or with `grad_output` a backward (bulk work, after inference)."""
         loop = asyncio.get_running_loop()
-        work = _Forward(loop, loop.create_future(), hidden, attention_mask, position_ids, start=start, end=end)
+        work = _Forward(loop, loop.create_future(), hidden, attention_mask, position_ids, start=start, end=end,
+                        prompts=prompts, adapter=adapter, grad_output=grad_output)
         with self._cond:
             self._forwards.append(work)
             self._cond.notify()
@@ -225,9 +236,9 @@ class Scheduler:
         tokens = sum(i.rows * i.new_tokens for i in inputs)
         self._observe("inference", group, rows, tokens)
         self._use_threads(tokens)
-        start, end, _ = group[0].key
+        start, end, _, adapter = group[0].key
         try:
-            outputs = run_steps(self.span, start, end, inputs)
+            outputs = run_steps(self.span, start, end, inputs, adapter)
         except BaseException as error:  # noqa: BLE001 - handed to every waiting handler
             for step in group:
                 step.resolve(error)
@@ -242,9 +253,9 @@ class Scheduler:
         self.metrics.batch_size.labels("inference").observe(piece.rows)
         self.metrics.pass_tokens.labels("inference").observe(piece.rows * piece.new_tokens)
         self._use_threads(piece.rows * piece.new_tokens)
-        start, end, _ = step.key
+        start, end, _, adapter = step.key
         try:
-            step.pieces.append(run_steps(self.span, start, end, [piece])[0])
+            step.pieces.append(run_steps(self.span, start, end, [piece], adapter)[0])
         except BaseException as error:  # noqa: BLE001 - handed to the waiting handler
             with self._cond:
                 self._steps.remove(step)
@@ -259,14 +270,24 @@ class Scheduler:
     def _run_forwards(self, group: list[_Forward]) -> None:
         rows = sum(w.hidden.shape[0] for w in group)
         tokens = sum(w.hidden.shape[0] * w.hidden.shape[1] for w in group)
-        self._observe("forward", group, rows, tokens)
-        self._use_threads(tokens)
         first = group[0]
+        self._observe("backward" if first.grad_output is not None else "forward", group, rows, tokens)
+        self._use_threads(tokens)
+        if first.grad_output is not None:
+            try:
+                grads = self.span.backward(first.hidden, first.grad_output, first.attention_mask, first.position_ids,
+                                           first.start, first.end, first.prompts, first.adapter)
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting handler
+                first.resolve(error)
+                return
+            first.resolve(grads)  # type: ignore[arg-type]
+            return
         try:
             hidden = torch.cat([w.hidden.to(self.span.dtype) for w in group])
             mask = None if first.attention_mask is None else torch.cat([w.attention_mask for w in group])  # type: ignore[misc]
             positions = None if first.position_ids is None else torch.cat([w.position_ids for w in group])  # type: ignore[misc]
-            output = self.span.forward(hidden, mask, positions, None, first.start, first.end)
+            prompts = None if first.prompts is None else torch.cat([w.prompts for w in group], dim=1)  # type: ignore[misc]
+            output = self.span.forward(hidden, mask, positions, None, first.start, first.end, prompts, first.adapter)
         except BaseException as error:  # noqa: BLE001 - handed to every waiting handler
             for work in group:
                 work.resolve(error)
@@ -283,7 +304,7 @@ class Scheduler:
         self._forwards.clear()
 
 
-def _settle(future: asyncio.Future[torch.Tensor], result: torch.Tensor | BaseException) -> None:
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
     if future.done():
         return
     if isinstance(result, BaseException):

@@ -10,6 +10,8 @@ Endpoints:
   GET  /info          model, span, dtype, throughput, cache use (JSON)
   GET  /metrics       Prometheus metrics
   POST /v1/forward    stateless forward: one frame in, one frame out
+  POST /v1/backward   gradients of a forward's inputs (and deep prompts); weights stay frozen
+  GET  /v1/weights-digest  SHA-256 of the span's weights
   GET  /v1/session    WebSocket of inference sessions (open / step / close frames)
 """
 
@@ -99,6 +101,8 @@ class BlockServer:
         app.router.add_get("/info", self.info)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_post("/v1/forward", self.forward)
+        app.router.add_post("/v1/backward", self.backward)
+        app.router.add_get("/v1/weights-digest", self.weights_digest)
         app.router.add_get("/v1/session", self.session_socket)
         app.on_startup.append(self._start_background)
         app.on_cleanup.append(self._stop_background)
@@ -158,6 +162,8 @@ class BlockServer:
             "sessions": len(self.sessions),
             "cache_bytes_used": self.sessions.reserved_bytes,
             "cache_bytes_limit": self.limits.kv_cache_bytes,
+            "adapters": sorted(self.span.adapters),
+            "quantization": self.span.quantization,
             "limits": self.limits.__dict__,
         })
 
@@ -173,10 +179,10 @@ class BlockServer:
                 "bad_request", f"blocks [{start}, {end}) are not inside this server's span [{self.span.start}, {self.span.end})"
             )
 
-    def _inputs(self, tensors: dict[str, torch.Tensor], batch: int | None, past: int,
-                max_new: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _inputs(self, tensors: dict[str, torch.Tensor], batch: int | None, past: int, max_new: int,
+                extra: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Check hidden [B, T, H], attention_mask [B, past + T], position_ids [B, T]."""
-        unknown = set(tensors) - {"hidden", "attention_mask", "position_ids"}
+        unknown = set(tensors) - {"hidden", "attention_mask", "position_ids", *extra}
         if unknown:
             raise ProtocolError("bad_request", f"unknown tensors {sorted(unknown)}")
         hidden = tensors.get("hidden")
@@ -220,33 +226,76 @@ class BlockServer:
         return hidden, mask, positions
 
     # ---- stateless forward -------------------------------------------------------------------------------
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.span.adapters:
+            raise ProtocolError("bad_request", f"unknown adapter {adapter!r}; this server has {sorted(self.span.adapters)}")
+
+    def _prompts(self, tensors: dict[str, torch.Tensor], req: wire.ForwardRequest | wire.BackwardRequest,
+                 hidden: torch.Tensor) -> torch.Tensor | None:
+        """Deep prompts: [blocks of the request, batch, prefix <= tokens, hidden]."""
+        prompts = tensors.get("prompts")
+        if prompts is None:
+            return None
+        b, t, h = hidden.shape
+        if prompts.dtype not in (torch.float32, torch.float16, torch.bfloat16) or prompts.ndim != 4 or \
+                list(prompts.shape[:2]) != [req.end - req.start, b] or prompts.shape[3] != h or not 0 < prompts.shape[2] <= t:
+            raise ProtocolError("bad_request", f"'prompts' must be a float tensor [{req.end - req.start}, {b}, prefix<={t}, {h}], "
+                                               f"got {prompts.dtype} {list(prompts.shape)}")
+        return prompts
+
     async def forward(self, request: web.Request) -> web.Response:
+        return await self._stateless(request, "forward")
+
+    async def backward(self, request: web.Request) -> web.Response:
+        return await self._stateless(request, "backward")
+
+    async def _stateless(self, request: web.Request, kind: str) -> web.Response:
+        """POST /v1/forward and /v1/backward: one frame in, one frame out (bulk work, after inference)."""
         began = time.perf_counter()
         try:
             if self.state == "joining":
                 raise ProtocolError("overloaded", "the server is still starting", retry_after=1.0)
             body = await request.read()
             frame = wire.decode(body, self.wire_limits)
-            req = wire.parse_request(frame, ("forward",))
+            req = wire.parse_request(frame, (kind,))
             self._check_span(req.start, req.end)
-            hidden, mask, positions = self._inputs(frame.tensors, None, 0, self.limits.max_length)
-            output = await self.scheduler.forward(req.start, req.end, hidden, mask, positions)
-            output = output.to(DTYPES[req.wire_dtype])
-            self.metrics.tokens.labels("forward").inc(hidden.shape[0] * hidden.shape[1])
-            reply = wire.encode({"kind": "output", "request_id": req.request_id}, {"hidden": output})
-            self._count("forward", "ok", began)
+            self._check_adapter(req.adapter)
+            extra = ("prompts", "grad_output") if kind == "backward" else ("prompts",)
+            hidden, mask, positions = self._inputs(frame.tensors, None, 0, self.limits.max_length, extra)
+            prompts = self._prompts(frame.tensors, req, hidden)
+            out_dtype = DTYPES[req.wire_dtype]
+            if kind == "backward":
+                grad_output = frame.tensors.get("grad_output")
+                if grad_output is None or grad_output.shape != hidden.shape or not grad_output.is_floating_point():
+                    raise ProtocolError("bad_request", f"'grad_output' must be a float tensor shaped like 'hidden' {list(hidden.shape)}")
+                grad_hidden, grad_prompts = await self.scheduler.forward(req.start, req.end, hidden, mask, positions, prompts,
+                                                                         req.adapter, grad_output)
+                tensors = {"grad_hidden": grad_hidden.to(out_dtype)}
+                if grad_prompts is not None:
+                    tensors["grad_prompts"] = grad_prompts.to(out_dtype)
+                reply = wire.encode({"kind": "gradients", "request_id": req.request_id}, tensors)
+            else:
+                output = await self.scheduler.forward(req.start, req.end, hidden, mask, positions, prompts, req.adapter)
+                reply = wire.encode({"kind": "output", "request_id": req.request_id}, {"hidden": output.to(out_dtype)})
+            self.metrics.tokens.labels(kind).inc(hidden.shape[0] * hidden.shape[1])
+            self._count(kind, "ok", began)
             return web.Response(body=reply, content_type="application/octet-stream")
         except ProtocolError as error:
-            self._count("forward", error.code, began)
+            self._count(kind, error.code, began)
             headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after is not None else None
             return web.Response(body=wire.encode(error.to_header()), status=error.http_status,
                                 content_type="application/octet-stream", headers=headers)
         except Exception as error:
-            log.exception("forward failed")
-            self._count("forward", "internal", began)
+            log.exception("%s failed", kind)
+            self._count(kind, "internal", began)
             failure = ProtocolError("internal", f"{type(error).__name__}: {error}")
             return web.Response(body=wire.encode(failure.to_header()), status=500,
                                 content_type="application/octet-stream")
+
+    async def weights_digest(self, request: web.Request) -> web.Response:
+        """SHA-256 of the span's weights, to check that training through the swarm leaves them unchanged."""
+        digest = await asyncio.to_thread(self.span.weights_digest)
+        return web.json_response({"sha256": digest, "start": self.span.start, "end": self.span.end})
 
     def _count(self, kind: str, status: str, began: float) -> None:
         self.metrics.requests.labels(kind, status).inc()
@@ -303,9 +352,10 @@ class BlockServer:
         if self.state != "online":
             raise ProtocolError("overloaded", f"the server is {self.state}, not taking new sessions", retry_after=1.0)
         self._check_span(req.start, req.end)
+        self._check_adapter(req.adapter)
         session = self.sessions.open(
             owner, req.start, req.end, req.batch_size, req.max_length, req.wire_dtype,
-            self.span.new_cache(req.start, req.end),
+            self.span.new_cache(req.start, req.end), req.adapter,
         )
         return wire.encode({"kind": "opened", "session": session.id, "request_id": req.request_id})
 

@@ -42,6 +42,7 @@ class Session:
     wire_dtype: str
     cache: Any
     reserved_bytes: int
+    adapter: str | None = None
     position: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -69,7 +70,7 @@ class SessionTable:
         return max(0, free // max(1, num_blocks * self.kv_bytes_per_token_block))
 
     def open(self, owner: int, start: int, end: int, batch_size: int, max_length: int, wire_dtype: str,
-             cache: Any) -> Session:
+             cache: Any, adapter: str | None = None) -> Session:
         limits = self.limits
         if max_length > limits.max_length:
             raise ProtocolError("too_large", f"max_length {max_length} exceeds this server's limit {limits.max_length}")
@@ -86,7 +87,7 @@ class SessionTable:
             )
         if need > free:
             raise ProtocolError("overloaded", f"the session needs {need} cache bytes, {free} are free", retry_after=RETRY_AFTER)
-        session = Session(next(self._ids), owner, start, end, max_length, batch_size, wire_dtype, cache, need)
+        session = Session(next(self._ids), owner, start, end, max_length, batch_size, wire_dtype, cache, need, adapter)
         self._sessions[session.id] = session
         return session
 

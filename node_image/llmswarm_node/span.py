@@ -15,8 +15,13 @@ from 0, so a fresh cache for the view is indexed the way transformers expects.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +42,11 @@ class SpanModel:
         end: int,
         dtype: torch.dtype = torch.float32,
         progress: bool = True,
+        quantization: str = "none",
     ) -> None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+        self.quantization = quantization
         self.source = source
         self.start, self.end = start, end
         self.dtype = dtype
@@ -45,9 +54,12 @@ class SpanModel:
         self.config: PretrainedConfig = span_config(source.config, start, end)
         self.hidden_size = int(source.config.hidden_size)
         self.base = self._load_base(progress)
+        if quantization != "none":
+            quantize_linear_layers(self.layers(self.base), quantization, dtype)
         self.base.eval().requires_grad_(False)
         self._accepts_position_ids = "position_ids" in inspect.signature(self.base.forward).parameters
         self._views: dict[tuple[int, int], nn.Module] = {(start, end): self.base}
+        self.adapters: set[str] = set()
 
     def _load_base(self, progress: bool) -> nn.Module:
         """Read only the span's blocks and load them with transformers' own loader."""
@@ -116,6 +128,21 @@ class SpanModel:
     def new_cache(self, start: int, end: int) -> DynamicCache:
         return DynamicCache(config=self.view(start, end).config)
 
+    def _run(self, view: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+             position_ids: torch.Tensor | None, cache: DynamicCache | None, prompts: torch.Tensor | None,
+             adapter: str | None) -> torch.Tensor:
+        kwargs: dict[str, object] = {
+            "inputs_embeds": hidden,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "use_cache": cache is not None,
+        }
+        if self._accepts_position_ids and position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        self._activate_adapter(view, adapter)
+        with _deep_prompts(self.layers(view), prompts):
+            return view(**kwargs).last_hidden_state
+
     @torch.inference_mode()
     def forward(
         self,
@@ -125,23 +152,85 @@ class SpanModel:
         cache: DynamicCache | None = None,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
         """Run blocks [start, end) (default: the whole span) on hidden states [batch, seq, hidden].
 
         With a cache, `attention_mask` covers past and new tokens ([batch, past + seq]) and
-        the cache is extended in place; `position_ids` are [batch, seq].
+        the cache is extended in place; `position_ids` are [batch, seq]. `prompts`
+        ([blocks, batch, prefix, hidden]) are deep prompts: block i adds prompts[i] to the
+        first `prefix` positions of its input. `adapter` selects a loaded LoRA adapter.
         """
         view = self.view(self.start if start is None else start, self.end if end is None else end)
-        kwargs: dict[str, object] = {
-            "inputs_embeds": hidden.to(self.dtype),
-            "attention_mask": attention_mask,
-            "cache": cache,
-            "use_cache": cache is not None,
-        }
-        if self._accepts_position_ids and position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        output = view(**kwargs)
-        return output.last_hidden_state
+        prompts = None if prompts is None else prompts.to(self.dtype)
+        return self._run(view, hidden.to(self.dtype), attention_mask, position_ids, cache, prompts, adapter)
+
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        start: int,
+        end: int,
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of the inputs (and of the deep prompts) of blocks [start, end); weights stay frozen."""
+        view = self.view(start, end)
+        with torch.enable_grad():
+            inputs = hidden.detach().to(self.dtype).requires_grad_(True)
+            deep = None if prompts is None else prompts.detach().to(self.dtype).requires_grad_(True)
+            output = self._run(view, inputs, attention_mask, position_ids, None, deep, adapter)
+            output.backward(grad_output.to(output.dtype))
+        assert inputs.grad is not None
+        return inputs.grad, None if deep is None else deep.grad
+
+    def weights_digest(self) -> str:
+        """SHA-256 over the span's parameters and buffers, in a fixed order."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted([*self.base.named_parameters(), *self.base.named_buffers()], key=lambda kv: kv[0]):
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    # ---- adapters ----------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter's weights for this span's blocks, selectable per request by `name`."""
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        config = LoraConfig.from_pretrained(str(folder))
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        state = {}
+        for key, tensor in weights.items():
+            parsed = self.arch.block_key(key)
+            if parsed is not None and self.start <= parsed[0] < self.end:
+                state[f"{self.arch.layers}.{parsed[0] - self.start}.{parsed[1]}"] = tensor.to(self.dtype)
+        if len(self._views) > 1:
+            raise RuntimeError("load adapters before serving sub-spans")
+        inject_adapter_in_model(config, self.base, adapter_name=name)
+        result = set_peft_model_state_dict(self.base, state, adapter_name=name)
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{name}." in k]
+        if missing:
+            raise ValueError(f"adapter {name!r} lacks weights for {missing[:4]}...")
+        self.base.requires_grad_(False)
+        self.adapters.add(name)
+
+    def _activate_adapter(self, view: nn.Module, adapter: str | None) -> None:
+        if not self.adapters:
+            return
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"unknown adapter {adapter!r} (this server has {sorted(self.adapters)})")
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in view.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(adapter is not None)
+                if adapter is not None:
+                    module.set_adapter(adapter)
 
     def measure_throughput(self, steps: int = 8, prefix: int = 16) -> float:
         """Inference tokens/s through the whole span: one-token steps after a short prefix."""
@@ -157,6 +246,65 @@ class SpanModel:
             self.forward(torch.zeros(1, 1, self.hidden_size), mask, torch.tensor([[position]]), cache)
             elapsed += time.perf_counter() - began
         return steps / max(elapsed, 1e-9)
+
+
+QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+def quantize_linear_layers(module: nn.Module, quantization: str, compute_dtype: torch.dtype) -> int:
+    """Replace every nn.Linear inside `module` with its bitsandbytes int8 or nf4 version (in place).
+
+    The same code runs on CUDA and, with bitsandbytes >= 0.45, on the CPU. Returns how many
+    layers were replaced. Other weights (norms, fused MoE experts) stay as they are.
+    """
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            weight = child.weight.data.to(torch.float32 if compute_dtype == torch.float32 else torch.float16)
+            if quantization == "int8":
+                new: nn.Module = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                                    has_fp16_weights=False, threshold=6.0)
+                new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        quant_type="nf4", compute_dtype=compute_dtype)
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            device = child.weight.device
+            setattr(parent, name, new.to(device))  # moving to the device quantizes the weights
+            replaced += 1
+    return replaced
+
+
+@contextmanager
+def _deep_prompts(layers: nn.ModuleList, prompts: torch.Tensor | None) -> Iterator[None]:
+    """While active, block i adds prompts[i] ([batch, prefix, hidden]) to the first positions of its input."""
+    if prompts is None:
+        yield
+        return
+
+    def adder(prompt: torch.Tensor) -> Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prefix = prompt.shape[1]
+            hidden = torch.cat([hidden[:, :prefix] + prompt.to(hidden.dtype), hidden[:, prefix:]], dim=1)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(adder(prompts[i]), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # Buffers that the architecture computes itself and that checkpoints do not hold.
