@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PROMPT
 
-.PHONY: setup run up test lint bench clean
+.PHONY: setup test-deps run up test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# What the test suite runs besides Python: headless Chromium (chat page), Prometheus (dashboard
+# and rebalancer tests), openssl (TLS certificates). Debian packages, installed once.
+test-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
 # A local swarm of 3 block servers + route map with the default model, then chat.
 # `make run PROMPT="..."` answers that one prompt (streamed) and stops the swarm.
 run: setup
@@ -30,7 +42,7 @@ up: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup
+test: setup test-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

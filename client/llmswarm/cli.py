@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("prompt")
         command.set_defaults(func=func)
 
+    from llmswarm.gateway.cli import add_gateway_command
+
+    add_gateway_command(sub)
+
     routes = sub.add_parser("routes", help="print the route map as a table")
     routes.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")
     routes.add_argument("--token", help="swarm token (default: $LLMSWARM_TOKEN)")
