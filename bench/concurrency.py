@@ -78,7 +78,8 @@ def swarm_part(sessions: list[int], new_tokens: int) -> dict[str, object]:
             counts = [0] * n
             barrier = threading.Barrier(n + 1)
 
-            def client(i: int) -> None:
+            def client(i: int, inputs: list[torch.Tensor] = inputs, barrier: threading.Barrier = barrier,
+                       counts: list[int] = counts) -> None:
                 ids = inputs[i]
                 barrier.wait()
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,

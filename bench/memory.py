@@ -21,9 +21,10 @@ import requests
 from llmswarm.source import resolve
 
 
-def serve_and_measure(model: str, start: int, end: int, dtype: str) -> dict[str, float]:
+def serve_and_measure(model: str, start: int, end: int, dtype: str, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """Start `llmswarm serve` for blocks [start, end), wait until it is ready, return its resident memory."""
     command = [sys.executable, "-m", "llmswarm_node.main", "--model", model, "--blocks", f"{start}:{end}",
-               "--port", "0", "--dtype", dtype, "--quiet"]
+               "--port", "0", "--dtype", dtype, "--quiet", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         url = None

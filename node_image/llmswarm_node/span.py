@@ -15,6 +15,7 @@ from 0, so a fresh cache for the view is indexed the way transformers expects.
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import inspect
 import time
@@ -57,6 +58,7 @@ class SpanModel:
         if quantization != "none":
             quantize_linear_layers(self.layers(self.base), quantization, dtype)
         self.base.eval().requires_grad_(False)
+        _release_freed_memory()
         self._accepts_position_ids = "position_ids" in inspect.signature(self.base.forward).parameters
         self._views: dict[tuple[int, int], nn.Module] = {(start, end): self.base}
         self.adapters: set[str] = set()
@@ -249,6 +251,14 @@ class SpanModel:
 
 
 QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed while loading (full-precision copies of quantized weights) back to the OS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def quantize_linear_layers(module: nn.Module, quantization: str, compute_dtype: torch.dtype) -> int:

@@ -1,0 +1,85 @@
+"""Prompt-tune SmolLM2 through a swarm on a small dataset shipped with the repository.
+
+The blocks stay on the servers, frozen; only the prompts (``deep_ptune``: one set per
+block) live here and learn. The loss is computed on the completion tokens only.
+
+    python examples/prompt_tuning.py                  # starts a local 3-server swarm for the run
+    python examples/prompt_tuning.py --swarm URL      # or trains through a running swarm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmswarm import DistributedModelForCausalLM
+
+DATA = Path(__file__).parent / "data" / "capitals.jsonl"
+
+
+def batches(tokenizer, rows: list[dict[str, str]], size: int, rng: random.Random):
+    while True:
+        chosen = rng.sample(rows, size)
+        prompts = [tokenizer(r["prompt"])["input_ids"] for r in chosen]
+        answers = [tokenizer(r["completion"])["input_ids"] for r in chosen]
+        length = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+        ids = torch.full((size, length), tokenizer.pad_token_id or 0)
+        labels = torch.full((size, length), -100)
+        mask = torch.zeros(size, length, dtype=torch.long)
+        for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            sequence = p + a
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            labels[row, len(p):len(sequence)] = torch.tensor(a)  # learn the completion only
+            mask[row, :len(sequence)] = 1
+        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train(swarm: str, steps: int, batch_size: int, lr: float, pre_seq_len: int, seed: int) -> tuple[float, float]:
+    torch.manual_seed(seed)
+    model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm, tuning_mode="deep_ptune",
+                                                        pre_seq_len=pre_seq_len)
+    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    data = batches(model.tokenizer, rows, batch_size, random.Random(seed))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    first = last = float("nan")
+    window: list[float] = []
+    with tqdm(range(steps), desc="prompt tuning", unit="step") as bar:
+        for step in bar:
+            optimizer.zero_grad()
+            loss = model(**next(data)).loss
+            loss.backward()
+            optimizer.step()
+            window = [*window[-4:], loss.item()]
+            if step == 0:
+                first = loss.item()
+            last = sum(window) / len(window)
+            bar.set_postfix(loss=f"{loss.item():.3f}", avg5=f"{last:.3f}")
+    print(f"loss: first step {first:.3f}, mean of the last {len(window)} steps {last:.3f}", flush=True)
+    return first, last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--swarm", help="route-map URL (default: start a local 3-server swarm)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--pre-seq-len", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.swarm:
+        train(args.swarm, args.steps, args.batch_size, args.lr, args.pre_seq_len, args.seed)
+        return
+    from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+
+    with LocalSwarm(LocalSwarmOptions(model="smollm2", servers=3, port=0)) as swarm:
+        train(swarm.url, args.steps, args.batch_size, args.lr, args.pre_seq_len, args.seed)
+
+
+if __name__ == "__main__":
+    main()
