@@ -52,6 +52,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm", help="route-map URL to announce this server to")
     parser.add_argument("--server-id", help="stable id in the route map (default: hostname + random suffix)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the blocks")
+    parser.add_argument("--device", help="torch device for the blocks (default: cuda when available, else cpu)")
     parser.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
                         help="quantize the blocks' linear layers with bitsandbytes (fits more blocks in memory)")
     parser.add_argument("--adapters", nargs="*", default=[], type=parse_adapter, metavar="NAME=PATH",
@@ -95,8 +96,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if end > source.num_blocks:
         print(f"error: span {start}:{end} is outside the model's {source.num_blocks} blocks", file=sys.stderr)
         return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     span = SpanModel(source, start, end, dtype=getattr(torch, args.dtype), progress=not args.quiet,
-                     quantization=args.quantization)
+                     quantization=args.quantization, device=device)
     for adapter in args.adapters:
         name, _, path = adapter.partition("=")
         span.load_adapter(name, path)

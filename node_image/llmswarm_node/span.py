@@ -44,7 +44,9 @@ class SpanModel:
         dtype: torch.dtype = torch.float32,
         progress: bool = True,
         quantization: str = "none",
+        device: str | torch.device = "cpu",
     ) -> None:
+        self.device = torch.device(device)
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
         self.quantization = quantization
@@ -55,6 +57,8 @@ class SpanModel:
         self.config: PretrainedConfig = span_config(source.config, start, end)
         self.hidden_size = int(source.config.hidden_size)
         self.base = self._load_base(progress)
+        if self.device.type != "cpu":
+            self.base.to(self.device)
         if quantization != "none":
             quantize_linear_layers(self.layers(self.base), quantization, dtype)
         self.base.eval().requires_grad_(False)
@@ -133,6 +137,11 @@ class SpanModel:
     def _run(self, view: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
              position_ids: torch.Tensor | None, cache: DynamicCache | None, prompts: torch.Tensor | None,
              adapter: str | None) -> torch.Tensor:
+        if self.device.type != "cpu":
+            hidden = hidden.to(self.device)
+            attention_mask = None if attention_mask is None else attention_mask.to(self.device)
+            position_ids = None if position_ids is None else position_ids.to(self.device)
+            prompts = None if prompts is None else prompts.to(self.device)
         kwargs: dict[str, object] = {
             "inputs_embeds": hidden,
             "attention_mask": attention_mask,
@@ -166,7 +175,7 @@ class SpanModel:
         """
         view = self.view(self.start if start is None else start, self.end if end is None else end)
         prompts = None if prompts is None else prompts.to(self.dtype)
-        return self._run(view, hidden.to(self.dtype), attention_mask, position_ids, cache, prompts, adapter)
+        return self._run(view, hidden.to(self.dtype), attention_mask, position_ids, cache, prompts, adapter).cpu()
 
     def backward(
         self,
@@ -182,12 +191,12 @@ class SpanModel:
         """Gradients of the inputs (and of the deep prompts) of blocks [start, end); weights stay frozen."""
         view = self.view(start, end)
         with torch.enable_grad():
-            inputs = hidden.detach().to(self.dtype).requires_grad_(True)
-            deep = None if prompts is None else prompts.detach().to(self.dtype).requires_grad_(True)
+            inputs = hidden.detach().to(self.device, self.dtype).requires_grad_(True)
+            deep = None if prompts is None else prompts.detach().to(self.device, self.dtype).requires_grad_(True)
             output = self._run(view, inputs, attention_mask, position_ids, None, deep, adapter)
-            output.backward(grad_output.to(output.dtype))
+            output.backward(grad_output.to(output.device, output.dtype))
         assert inputs.grad is not None
-        return inputs.grad, None if deep is None else deep.grad
+        return inputs.grad.cpu(), None if deep is None else deep.grad.cpu()
 
     def weights_digest(self) -> str:
         """SHA-256 over the span's parameters and buffers, in a fixed order."""
@@ -238,6 +247,7 @@ class SpanModel:
         """Inference tokens/s through the whole span: one-token steps after a short prefix."""
         cache = self.new_cache(self.start, self.end)
         hidden = torch.zeros(1, prefix, self.hidden_size)
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         mask = torch.ones(1, prefix, dtype=torch.long)
         self.forward(hidden, mask, torch.arange(prefix)[None], cache)
         elapsed = 0.0
@@ -246,6 +256,7 @@ class SpanModel:
             mask = torch.ones(1, position + 1, dtype=torch.long)
             began = time.perf_counter()
             self.forward(torch.zeros(1, 1, self.hidden_size), mask, torch.tensor([[position]]), cache)
+            synchronize()
             elapsed += time.perf_counter() - began
         return steps / max(elapsed, 1e-9)
 
