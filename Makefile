@@ -49,6 +49,8 @@ test: setup test-deps
 bench: setup
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/concurrency.py
+	$(BIN)/python bench/quantization.py
 
 clean:
 	rm -rf $(VENV) test-output .pytest_cache
