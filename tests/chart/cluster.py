@@ -1,0 +1,158 @@
+"""An emulated cluster to install the chart into: the operator tests' emulator (tests/operator/cluster.py),
+serving every kind the chart creates, and the operator run the way the chart's Deployment runs it.
+
+Two things are added to that harness here:
+
+- the emulator answers discovery of the core group with ``groupVersion: "v1"`` (kmock 0.8 says ``"/v1"``,
+  which keeps ``kubectl`` from addressing ServiceAccounts, Secrets, Services and ConfigMaps at all);
+- :func:`namespace_paths_parsed` makes kmock parse ``/api/v1/namespaces`` and ``/api/v1/namespaces/NAME``
+  (the Namespace list and objects; kmock 0.8 reads the segment after ``namespaces`` as a namespace and
+  fails on the list with a 500), which Kopf lists and watches when the operator serves chosen namespaces;
+- :func:`operator_process` starts ``python -m llmswarm_operator`` as a process with the command and the
+  environment of the rendered Deployment's container (Secret references resolved from the emulator, as the
+  kubelet does), against the emulator's kubeconfig.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import kmock
+
+from tests.chart.rendering import ROOT
+from tests.operator.cluster import BUILTINS, VERBS, ClusterEmulator, FakeControllers, Kubectl, declare_crd, write_kubeconfig
+
+# What the chart creates beyond the operator tests' kinds, and the kinds of Kopf's peering CRD and of the
+# Prometheus Operator (installed on a cluster that uses those toggles).
+CHART_RESOURCES = {
+    "v1/serviceaccounts": kmock.ResourceInfo(singular="serviceaccount", kind="ServiceAccount", namespaced=True, verbs=VERBS,
+                                             shortnames={"sa"}),
+    "v1/secrets": kmock.ResourceInfo(singular="secret", kind="Secret", namespaced=True, verbs=VERBS),
+    "rbac.authorization.k8s.io/v1/clusterroles": kmock.ResourceInfo(singular="clusterrole", kind="ClusterRole", namespaced=False,
+                                                                    verbs=VERBS),
+    "rbac.authorization.k8s.io/v1/clusterrolebindings": kmock.ResourceInfo(singular="clusterrolebinding", kind="ClusterRoleBinding",
+                                                                           namespaced=False, verbs=VERBS),
+    "rbac.authorization.k8s.io/v1/roles": kmock.ResourceInfo(singular="role", kind="Role", namespaced=True, verbs=VERBS),
+    "rbac.authorization.k8s.io/v1/rolebindings": kmock.ResourceInfo(singular="rolebinding", kind="RoleBinding", namespaced=True,
+                                                                    verbs=VERBS),
+    "networking.k8s.io/v1/networkpolicies": kmock.ResourceInfo(singular="networkpolicy", kind="NetworkPolicy", namespaced=True,
+                                                               verbs=VERBS, shortnames={"netpol"}),
+    "networking.k8s.io/v1/ingresses": kmock.ResourceInfo(singular="ingress", kind="Ingress", namespaced=True, verbs=VERBS,
+                                                         shortnames={"ing"}),
+    "monitoring.coreos.com/v1/servicemonitors": kmock.ResourceInfo(singular="servicemonitor", kind="ServiceMonitor", namespaced=True,
+                                                                   verbs=VERBS),
+    "monitoring.coreos.com/v1/podmonitors": kmock.ResourceInfo(singular="podmonitor", kind="PodMonitor", namespaced=True, verbs=VERBS),
+    "kopf.dev/v1/clusterkopfpeerings": kmock.ResourceInfo(singular="clusterkopfpeering", kind="ClusterKopfPeering", namespaced=False,
+                                                          verbs=VERBS),
+    "kopf.dev/v1/kopfpeerings": kmock.ResourceInfo(singular="kopfpeering", kind="KopfPeering", namespaced=True, verbs=VERBS),
+}
+
+
+class ChartEmulator(ClusterEmulator):
+    """The operator tests' emulator, with the core group's discovery answered as a real API server does."""
+
+    async def _serve_version(self, request: kmock.Request) -> Any:  # type: ignore[override]
+        payload = await super()._serve_version(request)
+        if request.resource is not None and request.resource.group == "":
+            payload["groupVersion"] = request.resource.version
+        return payload
+
+    def stored(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        for (resource, ns, object_name), obj in self.objects.items():
+            if resource.plural == plural and ns == namespace and object_name == name and not obj.deleted:
+                return obj.last.raw  # type: ignore[no-any-return]
+        return None
+
+    def live(self, plural: str) -> Iterator[dict[str, Any]]:
+        for (resource, _, _), obj in list(self.objects.items()):
+            if resource.plural == plural and not obj.deleted:
+                yield obj.last.raw
+
+
+def namespace_paths_parsed(monkeypatch: Any) -> None:
+    """Patch kmock's path parser (for one test) so that the Namespace resource's own paths parse."""
+    from kmock._internal import parsing
+
+    original = parsing.parse_path
+
+    def parse_path(path: str) -> parsing.ParsedPath:
+        parts = path.strip("/").split("/")
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (3, 4):
+            return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+        return original(path)
+
+    monkeypatch.setattr(parsing, "parse_path", parse_path)
+
+
+@contextlib.asynccontextmanager
+async def running_chart_cluster(tmp: Path, namespace: str) -> AsyncIterator[tuple[ChartEmulator, FakeControllers, Kubectl]]:
+    """An emulated cluster with no CRD served yet: :func:`install_crds` plays the apiextensions controller."""
+    emulator = ChartEmulator()
+    for key, info in {**BUILTINS, **CHART_RESOURCES}.items():
+        emulator.resources[key] = info
+    async with emulator, kmock.Server(emulator) as server:
+        url = str(server.url).rstrip("/")
+        controllers = FakeControllers(emulator, url)
+        await controllers.start()
+        try:
+            yield emulator, controllers, Kubectl(write_kubeconfig(tmp, url, namespace))
+        finally:
+            await controllers.stop()
+
+
+async def install_crds(emulator: ChartEmulator, kubectl: Kubectl, documents: list[dict[str, Any]]) -> list[str]:
+    """`kubectl apply` the CRDs, then serve each stored one (what the API server does once a CRD is established)."""
+    import yaml
+
+    out = await kubectl.apply(yaml.safe_dump_all(documents))
+    served = []
+    for document in documents:
+        stored = emulator.stored("customresourcedefinitions", None, document["metadata"]["name"])
+        assert stored is not None, f"{document['metadata']['name']} was not stored: {out}"
+        served.append(declare_crd(emulator, stored))
+    return served
+
+
+def container_environment(container: dict[str, Any], emulator: ChartEmulator, namespace: str) -> dict[str, str]:
+    """The container's env as the kubelet gives it: values, and Secret keys read from the cluster."""
+    env = {}
+    for item in container.get("env") or []:
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        ref = item["valueFrom"]["secretKeyRef"]
+        secret = emulator.stored("secrets", namespace, ref["name"])
+        assert secret is not None, f"{item['name']} refers to Secret {ref['name']}, which is not there"
+        env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+    return env
+
+
+@contextlib.asynccontextmanager
+async def operator_process(deployment: dict[str, Any], emulator: ChartEmulator, kubeconfig: Path,
+                           log: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, str]]]:
+    """The operator as the chart's Deployment runs it: its command (with this interpreter as `python`) and env."""
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    command = list(container["command"]) + list(container.get("args") or [])
+    assert command[0] == "python", command
+    env = container_environment(container, emulator, deployment["metadata"]["namespace"])
+    full_env = {**os.environ, **env, "KUBECONFIG": str(kubeconfig)}
+    with open(log, "wb") as out:
+        process = await asyncio.create_subprocess_exec(sys.executable, *command[1:], env=full_env, cwd=ROOT, stdout=out,
+                                                       stderr=asyncio.subprocess.STDOUT)
+    try:
+        yield process, env
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()

@@ -1,0 +1,299 @@
+"""End to end, as far as this machine allows: the rendered chart applied with the real kubectl to the
+Kubernetes API emulator, the operator run as the chart's Deployment runs it, and Swarms it reconciles.
+
+The scenario is ci/all-on-values.yaml (every toggle on, a Swarm from values, a token, Kopf peering), with
+the operator's listeners moved to free ports on 127.0.0.1 and short intervals. Every request the operator
+makes is checked against the RBAC the chart grants it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import yaml
+
+from llmswarm_operator.manifests import COMPONENT_ROUTEMAP, COMPONENT_SERVER, routemap_name
+from tests.chart.cluster import (
+    CHART_RESOURCES,
+    ChartEmulator,
+    install_crds,
+    namespace_paths_parsed,
+    operator_process,
+    running_chart_cluster,
+)
+from tests.chart.rendering import NAMESPACE, RELEASE, ROOT, Rendered, crd_documents, merge, render, scenario_values, selector_matches
+from tests.operator.cluster import BUILTINS, FakeControllers, Kubectl
+
+OUTPUT = ROOT / "test-output" / "chart"
+PLURALS = {info.kind: key.rsplit("/", 1)[1] for key, info in {**BUILTINS, **CHART_RESOURCES}.items()} | {"Swarm": "swarms"}
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            result = await check()
+            if result:
+                return result
+        except (AssertionError, aiohttp.ClientError, OSError) as error:
+            last = error
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {last}") from last
+        await asyncio.sleep(0.1)
+
+
+def install_values(metrics_port: int, health_port: int) -> dict[str, Any]:
+    return merge(scenario_values("all-on"), {"operator": {"settings": {
+        "metricsPort": metrics_port, "metricsHost": "127.0.0.1", "livenessEndpoint": f"http://127.0.0.1:{health_port}/healthz",
+        "reconcileInterval": 0.5, "retryDelay": 0.5, "drainSeconds": 0}}})
+
+
+# ---- RBAC: what a request needs, and whether the chart grants it ------------------------------------------------
+
+def verb_of(request: Any) -> str:
+    method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
+    if method == "GET":
+        if request.name:
+            return "get"
+        return "watch" if request.params.get("watch") in ("true", "1") else "list"
+    return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete" if request.name else "deletecollection"}[method]
+
+
+def granted(rendered: Rendered, service_account: str, namespace: str | None, group: str, resource: str, verb: str) -> bool:
+    roles = {(r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]): r
+             for r in rendered.all("ClusterRole") + rendered.all("Role")}
+    subject = {"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}
+    for binding in rendered.all("ClusterRoleBinding") + rendered.all("RoleBinding"):
+        if subject not in binding["subjects"]:
+            continue
+        scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+        if scope is not None and scope != namespace:
+            continue  # a RoleBinding grants in its own namespace only (and never cluster-wide lists)
+        ref = binding["roleRef"]
+        role = roles.get((ref["kind"], None if ref["kind"] == "ClusterRole" else scope, ref["name"]))
+        assert role is not None, f"{binding['metadata']['name']} refers to a missing {ref['kind']} {ref['name']}"
+        for rule in role["rules"]:
+            if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
+                return True
+    return False
+
+
+def operator_requests(emulator: ChartEmulator) -> list[tuple[str | None, str, str, str]]:
+    """(namespace, group, resource[/subresource], verb) of every API request the operator process made."""
+    out = []
+    for request in list(emulator):
+        agent = request.headers.get("User-Agent", "")
+        if request.resource is None or request.resource.plural is None or not agent.startswith(("kopf/", "llmswarm-operator")):
+            continue  # not the operator, or discovery (allowed to every authenticated client)
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        out.append((request.namespace, request.resource.group, resource, verb_of(request)))
+    return out
+
+
+# ---- the test ---------------------------------------------------------------------------------------------------
+
+async def helm_install(emulator: ChartEmulator, kubectl: Kubectl, installed: list[dict[str, Any]]) -> None:
+    """CRDs from crds/ first, then the rendered templates, each checked to be stored as rendered."""
+    assert await install_crds(emulator, kubectl, crd_documents()) == ["llmswarm.dev/v1alpha1/swarms"]
+    out = await kubectl.apply(yaml.safe_dump_all(installed))
+    for manifest in installed:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        assert f"/{name} created" in out, f"{kind} {name} not created:\n{out}"
+        stored = emulator.stored(PLURALS[kind], manifest["metadata"].get("namespace"), name)
+        assert stored is not None, f"{kind} {name} is not stored"
+        assert {k: stored.get(k) for k in manifest if k not in ("metadata", "status")} == \
+            {k: v for k, v in manifest.items() if k not in ("metadata", "status")}, f"{kind} {name} differs"
+
+
+def audit(rendered: Rendered, emulator: ChartEmulator, deployment: dict[str, Any], name: str) -> list[tuple[str, str, str]]:
+    """Every request the operator made must be one the chart's RBAC allows; returns what it used."""
+    requests = operator_requests(emulator)
+    assert len(requests) > 20
+    service_account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    denied = sorted({r for r in requests if not granted(rendered, service_account, r[0], r[1], r[2], r[3])}, key=str)
+    assert denied == [], f"requests the chart's RBAC would refuse: {denied}"
+    used = sorted({(r[1], r[2], r[3]) for r in requests})
+    (OUTPUT / f"operator-requests-{name}.json").write_text(json.dumps(used, indent=1))
+    return used
+
+
+def _server_deployments(emulator: ChartEmulator, swarm: str) -> list[dict[str, Any]]:
+    return [d for d in emulator.live("deployments") if (d["metadata"].get("labels") or {}).get("llmswarm.dev/swarm") == swarm
+            and d["metadata"]["labels"].get("app.kubernetes.io/component") == COMPONENT_SERVER]
+
+
+def pods_matching(controllers: FakeControllers, selector: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in controllers.live("pods") if selector_matches(selector, p["metadata"].get("labels") or {})]
+
+
+async def get_text(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
+        return response.status, await response.text()
+
+
+async def swarm_phase(kubectl: Kubectl, name: str, phase: str) -> dict[str, Any]:
+    status = (await kubectl.get_json("swarm", name)).get("status") or {}
+    assert status.get("phase") == phase, f"{name}: phase {status.get('phase')}, conditions {status.get('conditions')}"
+    return status
+
+
+@pytest.mark.timeout(180)
+async def test_install_the_chart_then_the_operator_reconciles_swarms(tmp_path: Path) -> None:
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    metrics_port, health_port = free_port(), free_port()
+    rendered = render(install_values(metrics_port, health_port))
+    installed = rendered.installed()
+    assert len(installed) == len(rendered.manifests) - 1  # all but the helm test pod
+    (OUTPUT / "all-on-installed.yaml").write_text(yaml.safe_dump_all(installed, sort_keys=False))
+
+    async with running_chart_cluster(tmp_path, NAMESPACE) as (emulator, controllers, kubectl):
+        # 1. What `helm install` does: CRDs from crds/ first, then the templates (hooks aside).
+        # Kopf peering (operator.settings.peering): the peering object a user creates from Kopf's peering CRD.
+        await kubectl.apply(yaml.safe_dump({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "llmswarm"}}))
+        await helm_install(emulator, kubectl, installed)
+
+        # 2. The operator, as its Deployment runs it (command, env, the token from the Secret).
+        deployment = rendered.get("Deployment", f"{RELEASE}-operator")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        controllers.all_ready = True
+        async with operator_process(deployment, emulator, kubectl.kubeconfig, OUTPUT / "operator-all-on.log") as (process, env):
+            assert env["LLMSWARM_TOKEN"] == "ci-token-not-secret"
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+            # Its probes, as the kubelet would call them.
+            probe = container["readinessProbe"]["httpGet"]
+            await eventually(lambda: _ok(f"http://127.0.0.1:{ports[probe['port']]}{probe['path']}"), 60, "the readiness probe")
+
+            # 3. The Swarm from values is reconciled: servers with the chart's image and the spec's extra args.
+            swarm = rendered.get("Swarm")
+            name = swarm["metadata"]["name"]
+            status = await eventually(lambda: swarm_phase(kubectl, name, "Ready"), 60, f"{name} to be Ready")
+            assert status["coverage"]["minReplicas"] >= swarm["spec"]["redundancy"]
+            servers = [d for d in emulator.live("deployments")
+                       if (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == COMPONENT_SERVER]
+            assert len(servers) == int(status["serversDesired"]) >= 3
+            for server in servers:
+                server_container = server["spec"]["template"]["spec"]["containers"][0]
+                assert server_container["image"] == env["LLMSWARM_OPERATOR_IMAGE"] == container["image"]
+                assert server_container["args"][-2:] == ["--max-sessions", "32"]
+
+            # 4. A Swarm applied afterwards, as a user does.
+            example = yaml.safe_load((ROOT / "examples" / "swarm-cpu.yaml").read_text())
+            out = await kubectl.apply(ROOT / "examples" / "swarm-cpu.yaml")
+            assert "swarm.llmswarm.dev/smollm2-cpu created" in out
+            await eventually(lambda: swarm_phase(kubectl, example["metadata"]["name"], "Ready"), 60, "smollm2-cpu to be Ready")
+
+            # 5. A rollout: one more server in its pool moves every span; old servers drain and are deleted.
+            old = {d["metadata"]["name"] for d in _server_deployments(emulator, "smollm2-cpu")}
+            bigger = json.loads(json.dumps(example))
+            bigger["spec"]["pools"][0]["minServers"] = 4
+            await kubectl.apply(yaml.safe_dump(bigger))
+
+            async def rolled_out() -> bool:
+                now = {d["metadata"]["name"] for d in _server_deployments(emulator, "smollm2-cpu")}
+                assert len(now) == 4 and not now & old, sorted(now)
+                await swarm_phase(kubectl, "smollm2-cpu", "Ready")
+                return True
+            await eventually(rolled_out, 60, "the rollout to 4 servers")
+
+            # 6. The chart's objects find the operator's: Services, Ingress, PodMonitor, NetworkPolicies.
+            routemap_service = rendered.get("Service", f"{RELEASE}-routemap")
+            selected = pods_matching(controllers, {"matchLabels": routemap_service["spec"]["selector"]})
+            assert [p["metadata"]["labels"]["app.kubernetes.io/component"] for p in selected] == [COMPONENT_ROUTEMAP]
+            assert selected[0]["metadata"]["labels"]["llmswarm.dev/swarm"] == name
+            backend = rendered.get("Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+            operator_service = emulator.stored("services", NAMESPACE, backend["name"])
+            assert operator_service is not None and backend["name"] == routemap_name(name)
+            assert operator_service["spec"]["ports"][0]["port"] == backend["port"]["number"]
+            monitored = pods_matching(controllers, rendered.get("PodMonitor")["spec"]["selector"])
+            components = sorted({p["metadata"]["labels"]["app.kubernetes.io/component"] for p in monitored})
+            assert components == [COMPONENT_SERVER, COMPONENT_ROUTEMAP] or components == sorted([COMPONENT_ROUTEMAP, COMPONENT_SERVER])
+            assert len(monitored) == len(servers) + int(await _servers_of(kubectl, "smollm2-cpu")) + 2  # + two route maps
+            swarms_policy = rendered.get("NetworkPolicy", f"{RELEASE}-swarms")["spec"]["podSelector"]
+            assert {p["metadata"]["name"] for p in pods_matching(controllers, swarms_policy)} == {p["metadata"]["name"] for p in monitored}
+            operator_monitor = rendered.get("ServiceMonitor", f"{RELEASE}-operator")
+            assert pods_matching(controllers, {"matchLabels": rendered.get("Service", f"{RELEASE}-operator")["spec"]["selector"]})
+            stored_service = emulator.stored("services", NAMESPACE, f"{RELEASE}-operator")
+            assert stored_service is not None
+            assert selector_matches(operator_monitor["spec"]["selector"], stored_service["metadata"]["labels"])
+
+            # 7. Its metrics, where the ServiceMonitor scrapes them, with the Swarms' namespace and name.
+            _, text = await get_text(f"http://127.0.0.1:{ports['metrics']}/metrics")
+            assert f'llmswarm_swarm_ready{{namespace="{NAMESPACE}",swarm="{name}"}} 1.0' in text
+            assert f'llmswarm_swarm_ready{{namespace="{NAMESPACE}",swarm="smollm2-cpu"}} 1.0' in text
+            assert process.returncode is None
+
+        # 8. Least privilege, checked: every request the operator made is one the chart's RBAC allows.
+        used = audit(rendered, emulator, deployment, "all-on")
+        for needed in [("llmswarm.dev", "swarms", "watch"), ("llmswarm.dev", "swarms/status", "patch"), ("apps", "deployments", "create"),
+                       ("", "services", "create"), ("", "configmaps", "create"), ("", "pods", "list"), ("", "events", "create"),
+                       ("kopf.dev", "clusterkopfpeerings", "patch"), ("apps", "deployments", "patch"), ("apps", "deployments", "delete"),
+                       ("", "services", "delete")]:
+            assert needed in used, f"the operator never made {needed}: the test saw too little"
+    log = (OUTPUT / "operator-all-on.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_install_minimal_operator_watches_its_namespace_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ci/minimal-values.yaml: namespaced RBAC (RoleBinding in one namespace), no metrics, no probes."""
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    namespace_paths_parsed(monkeypatch)
+    rendered = render(merge(scenario_values("minimal"), {"operator": {"settings": {"reconcileInterval": 0.5, "retryDelay": 0.5}}}))
+    deployment = rendered.get("Deployment", f"{RELEASE}-operator")
+    example = yaml.safe_load((ROOT / "examples" / "swarm-cpu.yaml").read_text())
+    async with running_chart_cluster(tmp_path, NAMESPACE) as (emulator, controllers, kubectl):
+        namespaces = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in (NAMESPACE, "other")]
+        await kubectl.apply(yaml.safe_dump_all(namespaces))  # as `helm install --create-namespace` and a team did
+        await helm_install(emulator, kubectl, rendered.installed())
+        controllers.all_ready = True
+        async with operator_process(deployment, emulator, kubectl.kubeconfig, OUTPUT / "operator-minimal.log") as (process, env):
+            assert env["LLMSWARM_OPERATOR_NAMESPACES"] == NAMESPACE
+            elsewhere = {**example, "metadata": {"name": "elsewhere", "namespace": "other"}}
+            await kubectl.apply(yaml.safe_dump(elsewhere))
+            await kubectl.apply(ROOT / "examples" / "swarm-cpu.yaml")  # into the kubeconfig's namespace: llmswarm
+            await eventually(lambda: swarm_phase(kubectl, "smollm2-cpu", "Ready"), 60, "smollm2-cpu to be Ready")
+            other = json.loads(await kubectl("get", "swarm", "elsewhere", "-n", "other", "-o", "json"))
+            assert "status" not in other, "the operator acted outside the namespaces it watches"
+            assert not [d for d in emulator.live("deployments") if d["metadata"]["namespace"] == "other"]
+            assert process.returncode is None
+        used = audit(rendered, emulator, deployment, "minimal")
+        assert ("llmswarm.dev", "swarms", "watch") in used and ("apps", "deployments", "create") in used
+    log = (OUTPUT / "operator-minimal.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+
+
+async def _ok(url: str) -> bool:
+    status, _ = await get_text(url)
+    assert status == 200, status
+    return True
+
+
+async def _servers_of(kubectl: Kubectl, name: str) -> int:
+    return int((await kubectl.get_json("swarm", name))["status"]["serversDesired"])
+
+
+def test_rbac_check_refuses_what_is_not_granted() -> None:
+    rendered = render(scenario_values("minimal"))
+    account = f"{RELEASE}-operator"
+    assert granted(rendered, account, "llmswarm", "apps", "deployments", "create")
+    assert not granted(rendered, account, "elsewhere", "apps", "deployments", "create")  # RoleBinding in llmswarm only
+    assert not granted(rendered, account, None, "llmswarm.dev", "swarms", "watch")  # no cluster-wide watch when namespaced
+    assert granted(rendered, account, None, "apiextensions.k8s.io", "customresourcedefinitions", "watch")
+    assert not granted(rendered, account, "llmswarm", "", "secrets", "get")
+    assert not granted(rendered, "someone-else", "llmswarm", "apps", "deployments", "create")
