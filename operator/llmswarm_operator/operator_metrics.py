@@ -10,6 +10,50 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 SWARM_LABELS = ("namespace", "swarm")
 SERVER_STATES = ("desired", "ready", "joining", "online", "draining")
+REBALANCE_RESULTS = ("moved", "unchanged", "skipped", "failed")
+
+
+class RebalanceMetrics:
+    """What the rebalancer did, per Swarm (the local substrate uses namespace "" and swarm "local")."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.rounds = Counter("llmswarm_rebalance_rounds", "Rebalance rounds, by result (moved, unchanged, skipped, failed)",
+                              [*SWARM_LABELS, "result"], registry=r)
+        self.moves = Counter("llmswarm_rebalance_moves", "Servers the rebalancer moved to another span", SWARM_LABELS,
+                             registry=r)
+        self.gain = Gauge("llmswarm_rebalance_gain",
+                          "Relative bottleneck gain of the best plan of the last measured round (moved or not)",
+                          SWARM_LABELS, registry=r)
+        self.bottleneck = Gauge("llmswarm_rebalance_bottleneck_tokens_per_second",
+                                "Spare throughput of the bottleneck block at the last measured round", SWARM_LABELS,
+                                registry=r)
+        self.last_move = Gauge("llmswarm_rebalance_last_move_timestamp_seconds",
+                               "Unix time of the last round that moved servers", SWARM_LABELS, registry=r)
+
+    def observe(self, namespace: str, swarm: str, result: str, *, moves: int = 0, gain: float | None = None,
+                bottleneck: float | None = None, when: float | None = None) -> None:
+        key = (namespace, swarm)
+        self.rounds.labels(*key, result).inc()
+        self.moves.labels(*key).inc(moves)
+        if gain is not None:
+            self.gain.labels(*key).set(gain)
+        if bottleneck is not None:
+            self.bottleneck.labels(*key).set(bottleneck)
+        if moves and when is not None:
+            self.last_move.labels(*key).set(when)
+
+    def forget(self, namespace: str, swarm: str) -> None:
+        for metric in (self.moves, self.gain, self.bottleneck, self.last_move):
+            try:
+                metric.remove(namespace, swarm)
+            except KeyError:
+                pass
+        for result in REBALANCE_RESULTS:
+            try:
+                self.rounds.remove(namespace, swarm, result)
+            except KeyError:
+                pass
 
 
 class OperatorMetrics:
@@ -40,6 +84,7 @@ class OperatorMetrics:
                                         registry=r)
         self.missing_bytes = Gauge("llmswarm_swarm_placement_missing_bytes",
                                    "Server memory the pools lack to reach the asked redundancy", SWARM_LABELS, registry=r)
+        self.rebalance = RebalanceMetrics(r)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -86,6 +131,7 @@ class OperatorMetrics:
                 self.servers.remove(namespace, swarm, state)
             except KeyError:
                 pass
+        self.rebalance.forget(namespace, swarm)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
