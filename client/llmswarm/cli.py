@@ -99,15 +99,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     if args.blocks_per_server is not None and args.servers_given is False:
         options.servers = None
+    rebalance_options = None
+    if args.rebalance:
+        from llmswarm_operator.local_rebalance import RebalanceOptions
+
+        try:
+            rebalance_options = RebalanceOptions(interval=args.rebalance_interval, min_gain=args.min_gain,
+                                                 max_moves=args.max_moves, prometheus_url=args.prometheus_url)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         swarm = LocalSwarm(options).start()
     except (LocalSwarmError, PlacementError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    rebalancer = None
     try:
         print(f"route map: {swarm.url}", flush=True)
         for span, log in zip(swarm.spans, swarm.log_files, strict=True):
             print(f"  server blocks {span}  log {log}", flush=True)
+        if rebalance_options is not None:
+            from llmswarm_operator.local_rebalance import LocalRebalancer
+
+            rebalancer = LocalRebalancer(swarm, rebalance_options, report=lambda text: print(text, flush=True)).start()
+            where = rebalance_options.prometheus_url or "the servers' /metrics"
+            print(f"rebalancing every {rebalance_options.interval:g} s from {where} (minimum gain "
+                  f"{rebalance_options.min_gain:.0%}, at most {rebalance_options.max_moves} move(s) per round)", flush=True)
         args.swarm = swarm.url
         if args.prompt:
             model = _load_model(args)
@@ -124,6 +142,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 pass
     finally:
         print("stopping the swarm", file=sys.stderr, flush=True)
+        if rebalancer is not None:
+            rebalancer.stop()
         swarm.stop()
     return 0
 
@@ -159,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=0, help="torch threads per server")
     up.add_argument("--chat", action="store_true", help="open an interactive chat, stop the swarm after it")
     up.add_argument("--prompt", help="answer one prompt, then stop the swarm")
+    up.add_argument("--rebalance", action="store_true", help="move spans of servers to where the load is")
+    up.add_argument("--rebalance-interval", type=float, default=30.0, help="seconds between rebalance rounds")
+    up.add_argument("--min-gain", type=float, default=0.25,
+                    help="smallest relative gain of the bottleneck throughput worth moving a server")
+    up.add_argument("--max-moves", type=int, default=1, help="servers moved per rebalance round, at most")
+    up.add_argument("--prometheus-url", help="read load from this Prometheus (default: scrape the servers' /metrics)")
     add_security_arguments(up)
     _add_generation_arguments(up)
     up.set_defaults(func=cmd_up)

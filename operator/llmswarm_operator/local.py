@@ -1,7 +1,10 @@
 """The local substrate: a route-map service plus block servers as local processes.
 
 ``llmswarm up`` and the integration tests use :class:`LocalSwarm`. Spans come from the
-same placement function the Kubernetes operator uses.
+same placement function the Kubernetes operator uses. Server ``local-N`` is
+``processes[N]``; :meth:`LocalSwarm.move` gives a server a new span make-before-break (a
+new process ``local-M`` on the new span, online before the old one drains), which is how
+the rebalancer (:mod:`llmswarm_operator.local_rebalance`) acts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from tqdm.auto import tqdm
 
 from llmswarm.routemap import ModelInfo, RouteMap
@@ -101,26 +105,39 @@ class LocalSwarm:
 
     def __init__(self, options: LocalSwarmOptions | None = None) -> None:
         self.options = options or LocalSwarmOptions()
+        # One entry per server process ever started, in order: server `local-N` is index N.
         self.spans: list[Span] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self.log_files: list[Path] = []
+        self.server_ids: list[str] = []
+        self.retired: set[int] = set()  # servers moved away (draining, then gone)
+        self.num_blocks = 0
+        self.log_dir: Path | None = None
         self._routemap: _RouteMapThread | None = None
+        self._lock = threading.Lock()
         self.url = ""
 
     def start(self) -> LocalSwarm:
         o = self.options
         source = resolve(o.model, progress=o.progress)  # convert once here, not in every server
-        self.spans = place_spans(source.num_blocks, o.servers, o.redundancy, o.blocks_per_server)
+        spans = place_spans(source.num_blocks, o.servers, o.redundancy, o.blocks_per_server)
+        self.num_blocks = source.num_blocks
         model = ModelInfo(name=source.name, num_blocks=source.num_blocks, hidden_size=int(source.config.hidden_size))
         context = server_ssl_context(o.tls_cert, o.tls_key)
         self._routemap = _RouteMapThread(o.host, o.port, model, o.token, context)
         self.url = f"{'https' if context else 'http'}://{o.host}:{self._routemap.port}"
-        log_dir = o.log_dir or Path(tempfile.mkdtemp(prefix="llmswarm-logs-"))
-        log_dir.mkdir(parents=True, exist_ok=True)
-        for index, span in enumerate(self.spans):
-            self.start_server(span, log_dir / f"server-{index}-{span.start}-{span.end}.log", f"local-{index}")
-        self.wait_online(len(self.spans))
+        self.log_dir = o.log_dir or Path(tempfile.mkdtemp(prefix="llmswarm-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for index, span in enumerate(spans):
+            self.start_server(span, self.log_dir / f"server-{index}-{span.start}-{span.end}.log", f"local-{index}")
+        self.wait_online(len(spans))
         return self
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The route-map service's metrics registry (what its ``/metrics`` serves)."""
+        assert self._routemap is not None, "the swarm is not started"
+        return self._routemap.service.registry
 
     def start_server(self, span: Span, log_file: Path, server_id: str) -> subprocess.Popen[bytes]:
         o = self.options
@@ -139,12 +156,65 @@ class LocalSwarm:
                "TOKENIZERS_PARALLELISM": "false"}
         if o.token:
             env[TOKEN_ENV] = o.token  # not on the command line, where `ps` would show it
-        with open(log_file, "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)
-        self.processes.append(process)
-        self.log_files.append(log_file)
+        with self._lock:
+            with open(log_file, "wb") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True)
+            self.processes.append(process)
+            self.log_files.append(log_file)
+            self.spans.append(span)
+            self.server_ids.append(server_id)
         return process
+
+    def index_of(self, server_id: str) -> int:
+        """The newest process started under `server_id`."""
+        for index in range(len(self.server_ids) - 1, -1, -1):
+            if self.server_ids[index] == server_id:
+                return index
+        raise KeyError(f"no server {server_id!r} in this swarm")
+
+    def move(self, index: int, span: Span, timeout: float | None = None) -> int:
+        """Give server `index` the span `span`, make-before-break; returns the index of its replacement.
+
+        A new process (``local-<new index>``) loads `span` and must be ``online`` in the route
+        map before the old one gets SIGTERM: the old one then drains (it turns ``draining``,
+        refuses new sessions, lets open ones finish within ``--drain-timeout``) and exits. If the
+        new one fails to start, it is stopped and the old one keeps serving.
+        """
+        if index in self.retired or self.processes[index].poll() is not None:
+            raise LocalSwarmError(f"server {self.server_ids[index]} is not running")
+        if span.end > self.num_blocks:
+            raise LocalSwarmError(f"span {span} is outside the model's {self.num_blocks} blocks")
+        assert self.log_dir is not None, "the swarm is not started"
+        new_index = len(self.processes)
+        log_file = self.log_dir / f"server-{new_index}-{span.start}-{span.end}.log"
+        process = self.start_server(span, log_file, f"local-{new_index}")
+        try:
+            self.wait_server(new_index, timeout if timeout is not None else self.options.start_timeout)
+        except LocalSwarmError:
+            self.retired.add(new_index)
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            raise
+        self.retired.add(index)
+        self.processes[index].send_signal(signal.SIGTERM)  # drain: open sessions finish, new ones go elsewhere
+        return new_index
+
+    def wait_server(self, index: int, timeout: float) -> None:
+        """Until server `index` is online in the route map; raises if its process exits or time runs out."""
+        server_id, process, log = self.server_ids[index], self.processes[index], self.log_files[index]
+        deadline = time.monotonic() + timeout
+        while not any(s.id == server_id and s.state == "online" for s in self.routes().servers):
+            if process.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise LocalSwarmError(f"server {server_id} exited with {process.returncode}; its log ({log}):\n{tail}")
+            if time.monotonic() > deadline:
+                raise LocalSwarmError(f"server {server_id} was not online after {timeout:.0f} s")
+            time.sleep(0.2)
 
     def routes(self) -> RouteMap:
         assert self._routemap is not None
@@ -158,8 +228,8 @@ class LocalSwarm:
                 bar.update(online - bar.n)
                 if online >= count:
                     return
-                for process, log in zip(self.processes, self.log_files, strict=True):
-                    if process.poll() is not None:
+                for index, (process, log) in enumerate(zip(self.processes, self.log_files, strict=True)):
+                    if index not in self.retired and process.poll() is not None:
                         tail = log.read_text(errors="replace")[-2000:]
                         self.stop()
                         raise LocalSwarmError(f"a block server exited with {process.returncode}; its log ({log}):\n{tail}")

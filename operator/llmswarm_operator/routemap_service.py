@@ -3,6 +3,7 @@
   GET    /v1/routes          the current map (RouteMap JSON)
   POST   /v1/servers         announce or heartbeat (Announcement JSON)
   DELETE /v1/servers/{id}    leave the map
+  GET    /v1/targets         the servers as Prometheus HTTP service discovery (``http_sd_configs``)
   GET    /healthz, /metrics
 
 With a swarm token set, everything but /healthz and /metrics needs it (security.py).
@@ -12,18 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 
-from llmswarm.routemap import STATES, Announcement, ModelInfo
+from llmswarm.routemap import STATES, Announcement, ModelInfo, RouteMap
 from llmswarm.security import token_middleware
 from llmswarm_operator.routetable import ModelMismatch, RouteTable
 
 log = logging.getLogger("llmswarm.routemap")
 
 MAX_BODY_BYTES = 64 * 1024
+
+
+def prometheus_targets(routes: RouteMap) -> list[dict[str, object]]:
+    """``[{"targets": ["host:port"], "labels": {"__scheme__": ..., "__metrics_path__": ...}}]``, one group per server."""
+    groups: list[dict[str, object]] = []
+    for server in routes.servers:
+        url = urlsplit(server.url)
+        if not url.netloc:
+            continue
+        path = url.path.rstrip("/") + "/metrics"
+        groups.append({"targets": [url.netloc], "labels": {"__scheme__": url.scheme, "__metrics_path__": path}})
+    return groups
 
 
 class RouteMapService:
@@ -48,6 +62,7 @@ class RouteMapService:
         app.router.add_get("/v1/routes", self.routes)
         app.router.add_post("/v1/servers", self.announce)
         app.router.add_delete("/v1/servers/{server_id}", self.leave)
+        app.router.add_get("/v1/targets", self.targets)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         app.on_startup.append(self._start)
@@ -86,6 +101,10 @@ class RouteMapService:
     async def leave(self, request: web.Request) -> web.Response:
         removed = self.table.remove(request.match_info["server_id"])
         return web.json_response({"removed": removed, "version": self.table.version}, status=200 if removed else 404)
+
+    async def targets(self, request: web.Request) -> web.Response:
+        """Every server in the map (any state: draining ones still carry load) in Prometheus' HTTP SD format."""
+        return web.json_response(prometheus_targets(self.table.snapshot()))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
