@@ -8,6 +8,9 @@
   with a delay;
 - a timer: the level-based loop that repairs whatever drifted (a deleted Deployment, a
   pod that became ready or failed) and finishes rollouts;
+- the rebalance timer: when ``spec.rebalance.enabled``, a round every
+  ``spec.rebalance.intervalSeconds`` (:mod:`~llmswarm_operator.swarm_rebalance`); it ticks
+  often and does nothing until a round is due;
 - ``probe``: for Kopf's liveness endpoint.
 
 Deleting a Swarm needs no handler: everything it owns carries an owner reference and the
@@ -29,6 +32,7 @@ from llmswarm_operator.settings import PREFIX, OperatorSettings
 from llmswarm_operator.swarm_spec import GROUP, PLURAL, VERSION
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+REBALANCE_TICK = 5.0  # seconds between checks whether a Swarm's rebalance round is due
 
 
 def _runtime(memo: Any) -> Runtime:
@@ -111,6 +115,19 @@ def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None
             raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
         _write_status(body, patch, outcome.status)
         _post(body, outcome)
+
+    @kopf.timer(*RESOURCE, interval=min(reconcile_interval, REBALANCE_TICK), initial_delay=reconcile_interval,
+                registry=registry)
+    async def rebalance_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
+                              **_: Any) -> None:
+        runtime = _runtime(memo)
+        try:
+            outcome = await runtime.rebalance(body, logger)
+        except ReconcileFailed as error:
+            raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
+        if outcome is not None:
+            _write_status(body, patch, outcome.status)
+            _post(body, outcome)
 
     @kopf.on.event(*RESOURCE, registry=registry)
     def forget_deleted(type: str, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:

@@ -32,6 +32,7 @@ ANNOTATION_DRAINING = "llmswarm.dev/draining-since"
 COMPONENT_SERVER = "block-server"
 COMPONENT_ROUTEMAP = "route-map"
 ROUTES_FILE = "routes.json"
+ASSIGNMENT_FILE = "assignment.json"  # see assignment.py
 ROUTES_DIR = "/etc/llmswarm"
 CACHE_DIR = "/var/cache/llmswarm"
 
@@ -230,12 +231,16 @@ def server_service(owner: Owner, spec: SwarmSpec, server: DesiredServer) -> Body
     }
 
 
-def routemap_configmap(owner: Owner, routes: RouteMap) -> Body:
+def routemap_configmap(owner: Owner, routes: RouteMap, assignment: str | None = None) -> Body:
+    """The route map (``routes.json``) and, once the rebalancer moved servers, their spans (``assignment.json``)."""
+    data = {ROUTES_FILE: routes.model_dump_json(indent=1)}
+    if assignment is not None:
+        data[ASSIGNMENT_FILE] = assignment
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(owner, routemap_name(owner.name), labels(owner.name, COMPONENT_ROUTEMAP)),
-        "data": {ROUTES_FILE: routes.model_dump_json(indent=1)},
+        "data": data,
     }
 
 

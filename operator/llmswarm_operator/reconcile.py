@@ -19,9 +19,10 @@ from pydantic import ValidationError
 
 from llmswarm.routemap import ModelInfo, RouteMap
 from llmswarm_operator import manifests as m
+from llmswarm_operator.assignment import Assignment, fits
 from llmswarm_operator.kubeapi import KubeClient, apply
 from llmswarm_operator.placement import Span
-from llmswarm_operator.planner import ExistingServer, online_coverage, plan_servers, ready_servers, route_map
+from llmswarm_operator.planner import ExistingServer, ServerEntry, online_coverage, plan_servers, ready_servers, route_map
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import Seen, find_condition, invalid_status, swarm_status
 from llmswarm_operator.swarm_spec import InvalidSpec, check_name, parse_spec, plan_placement
@@ -36,6 +37,12 @@ class Outcome:
     invalid: str | None = None  # the reason the spec cannot be acted on
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     writes: dict[str, int] = field(default_factory=dict)  # "created Deployment" -> count
+    # What the rebalancer builds on (empty for an invalid spec):
+    desired: list[m.DesiredServer] = field(default_factory=list)  # the servers that should exist
+    entries: list[ServerEntry] = field(default_factory=list)  # every server now, with its state
+    workloads: set[str] = field(default_factory=set)  # names of every server Deployment, draining ones included
+    num_blocks: int = 0
+    rebalanced: bool = False  # `desired` comes from a rebalanced assignment, not from the placement
 
     def count(self, what: str) -> None:
         self.writes[what] = self.writes.get(what, 0) + 1
@@ -83,6 +90,13 @@ def existing_servers(deployments: list[Body]) -> dict[str, ExistingServer]:
     return out
 
 
+def stored_assignment(configmap: Body | None) -> Assignment | None:
+    if configmap is None:
+        return None
+    text = (configmap.get("data") or {}).get(m.ASSIGNMENT_FILE)
+    return Assignment.from_json(text) if text else None
+
+
 def previous_route_map(configmap: Body | None) -> RouteMap | None:
     if configmap is None:
         return None
@@ -92,7 +106,9 @@ def previous_route_map(configmap: Body | None) -> RouteMap | None:
         return None
 
 
-async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[str, Any], now: float | None = None) -> Outcome:
+async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[str, Any], now: float | None = None,
+                    assignment: Assignment | None = None) -> Outcome:
+    """Converge the Swarm's objects; `assignment` (from the rebalancer) replaces the stored one."""
     now = time.time() if now is None else now
     meta = body.get("metadata") or {}
     name, namespace, uid = meta.get("name", ""), meta.get("namespace", ""), meta.get("uid", "")
@@ -112,7 +128,6 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
         raise RuntimeError(f"Swarm {namespace}/{name} has no metadata.uid; owner references need one")
 
     owner = m.Owner(name, namespace, uid)
-    desired = m.desired_servers(name, placement)
     outcome = Outcome({}, "")
 
     # ---- observe ----
@@ -121,6 +136,11 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     services = [s for s in await kube.list("Service", namespace, selector) if owned_by(s, uid)]
     pods = await kube.list("Pod", namespace, selector)
     configmap = await kube.get("ConfigMap", namespace, m.routemap_name(name))
+    if assignment is None:
+        assignment = stored_assignment(configmap)
+    if assignment is not None and not fits(assignment, name, placement):
+        assignment = None  # the spec changed the servers: the placement wins
+    desired = list(assignment.servers) if assignment is not None else m.desired_servers(name, placement)
     existing = existing_servers(deployments)
     ready = ready_servers(pods, m.LABEL_SERVER)
     plan = plan_servers(desired, existing, ready, num_blocks=shape.num_blocks, redundancy=spec.redundancy,
@@ -161,7 +181,8 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     model = ModelInfo(name=shape.name, num_blocks=shape.num_blocks, hidden_size=shape.hidden_size)
     urls = {e.name: f"http://{m.service_host(e.name, namespace, settings)}:{spec.server.port}" for e in plan.entries}
     routes = route_map(model, plan.entries, urls, spec.model.dtype, previous_route_map(configmap))
-    await _apply(kube, m.routemap_configmap(owner, routes), outcome, {("ConfigMap", m.routemap_name(name)): configmap})
+    stored = assignment.to_json() if assignment is not None else None
+    await _apply(kube, m.routemap_configmap(owner, routes, stored), outcome, {("ConfigMap", m.routemap_name(name)): configmap})
 
     # ---- report ----
     seen = Seen(
@@ -172,6 +193,8 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     )
     outcome.status = swarm_status(seen, previous)
     outcome.phase = outcome.status["phase"]
+    outcome.desired, outcome.entries, outcome.num_blocks = desired, list(plan.entries), shape.num_blocks
+    outcome.workloads, outcome.rebalanced = set(existing), assignment is not None
     if not placement.feasible and (previous.get("placement") or {}).get("message") != placement.message:
         outcome.events.append(("Warning", "PlacementInsufficient", placement.message))
     return outcome

@@ -16,9 +16,11 @@ from typing import Any
 import aiohttp
 
 from llmswarm_operator.kubeapi import ApiError, KubeClient
+from llmswarm_operator.load_metrics import LoadSource
 from llmswarm_operator.operator_metrics import OperatorMetrics
 from llmswarm_operator.reconcile import Outcome, reconcile, summary
 from llmswarm_operator.settings import OperatorSettings
+from llmswarm_operator.swarm_rebalance import due, enabled_spec, rebalance_round, source_for
 
 log = logging.getLogger("llmswarm.operator")
 
@@ -33,6 +35,8 @@ class Runtime:
         self.kube = kube or KubeClient()
         self.metrics = OperatorMetrics()
         self.last_reconcile: dict[tuple[str, str], float] = {}
+        self.last_rebalance: dict[tuple[str, str], float] = {}  # when the last rebalance round ran (epoch seconds)
+        self._sources: dict[tuple[str, str], LoadSource] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def start(self) -> None:
@@ -67,7 +71,54 @@ class Runtime:
             logger.info("%s: phase %s; %s", trigger, outcome.phase, summary(outcome))
         return outcome
 
+    async def rebalance(self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any] = log,
+                        now: float | None = None) -> Outcome | None:
+        """A rebalance round if the Swarm asks for one and it is due; None when nothing ran."""
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        spec = enabled_spec(body)
+        if spec is None:
+            self._sources.pop(key, None)
+            return None
+        now = time.time() if now is None else now
+        if not due(body, spec, self.last_rebalance.get(key), now):
+            return None
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        started = time.perf_counter()
+        async with lock:
+            source = self._sources[key] = source_for(spec, self.settings, key[0], self._sources.get(key))
+            try:
+                round_ = await rebalance_round(self.kube, self.settings, body, spec, source, now)
+            except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as error:
+                kind = f"api_{error.status}" if isinstance(error, ApiError) else type(error).__name__
+                self.metrics.errors.labels(kind).inc()
+                self.metrics.reconciles.labels("rebalance", "error").inc()
+                self.metrics.rebalance.observe(*key, "failed")
+                self.last_rebalance[key] = now
+                raise ReconcileFailed(f"{type(error).__name__}: {error}") from error
+            finally:
+                self.metrics.duration.labels("rebalance").observe(time.perf_counter() - started)
+        self.last_rebalance[key] = now
+        if round_ is None:
+            return None
+        outcome = round_.outcome
+        self.last_reconcile[key] = time.time()
+        self.metrics.reconciles.labels("rebalance", "ok").inc()
+        self.metrics.observe_writes(outcome.writes)
+        self.metrics.observe_swarm(*key, outcome.status)
+        planned = round_.plan
+        self.metrics.rebalance.observe(*key, round_.result, moves=round_.moves,
+                                       gain=planned.gain if planned is not None else None,
+                                       bottleneck=planned.before if planned is not None else None, when=now)
+        if round_.moves:
+            logger.info("rebalance: %s", round_.message)
+        else:
+            logger.debug("rebalance round %s: %s", round_.result, round_.message)
+        return outcome
+
     def forget(self, namespace: str, name: str) -> None:
         self.metrics.forget(namespace, name)
         self.last_reconcile.pop((namespace, name), None)
+        self.last_rebalance.pop((namespace, name), None)
+        self._sources.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)

@@ -51,6 +51,12 @@ class OperatorSettings:
     peering: str = ""
     #: Cluster DNS suffix used in the URLs of servers and of the route-map service.
     cluster_domain: str = "svc.cluster.local"
+    #: Servers the rebalancer moves in one round, at most (a Swarm's ``spec.rebalance`` sets when and how much gain).
+    rebalance_max_moves: int = 1
+    #: Where the rebalancer scrapes a server's metrics when a Swarm gives no ``prometheusUrl``: a template with
+    #: ``{host}`` (the server's Service host), ``{server}``, ``{namespace}`` and ``{port}``. From outside the
+    #: cluster, e.g. the API server's proxy: ``http://127.0.0.1:8001/api/v1/namespaces/{namespace}/services/{server}:{port}/proxy/metrics``.
+    rebalance_scrape_url: str = "http://{host}:{port}/metrics"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -83,6 +89,15 @@ class OperatorSettings:
             raise SettingsError(f"{PREFIX}METRICS_PORT must be a port number or 0")
         if self.liveness_endpoint and not self.liveness_endpoint.startswith(("http://", "https://")):
             raise SettingsError(f"{PREFIX}LIVENESS_ENDPOINT must be an http(s) URL or empty")
+        if self.rebalance_max_moves < 0:
+            raise SettingsError(f"{PREFIX}REBALANCE_MAX_MOVES must be >= 0")
+        try:
+            url = self.rebalance_scrape_url.format(host="h", server="s", namespace="n", port=1)
+        except (KeyError, IndexError, ValueError) as error:
+            raise SettingsError(f"{PREFIX}REBALANCE_SCRAPE_URL: unknown placeholder {error}; use {{host}}, {{server}}, "
+                                "{namespace} and {port}") from None
+        if not url.startswith(("http://", "https://")):
+            raise SettingsError(f"{PREFIX}REBALANCE_SCRAPE_URL must be an http(s) URL template")
 
 
 def _convert(name: str, kind: object, raw: str) -> object:
