@@ -19,15 +19,20 @@ import asyncio
 import base64
 import contextlib
 import os
+import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import kmock
+import yaml
 
-from tests.chart.rendering import ROOT
+from tests.chart.rendering import ROOT, crd_documents
 from tests.operator.cluster import BUILTINS, VERBS, ClusterEmulator, FakeControllers, Kubectl, declare_crd, write_kubeconfig
+
+T = TypeVar("T")
 
 # What the chart creates beyond the operator tests' kinds, and the kinds of Kopf's peering CRD and of the
 # Prometheus Operator (installed on a cluster that uses those toggles).
@@ -53,6 +58,30 @@ CHART_RESOURCES = {
                                                           verbs=VERBS),
     "kopf.dev/v1/kopfpeerings": kmock.ResourceInfo(singular="kopfpeering", kind="KopfPeering", namespaced=True, verbs=VERBS),
 }
+
+PLURALS = {info.kind: key.rsplit("/", 1)[1] for key, info in {**BUILTINS, **CHART_RESOURCES}.items()} | {"Swarm": "swarms"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
+    """Retry an async check until it returns something truthy, or fail with its last error."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            result = await check()
+            if result:
+                return result
+        except (AssertionError, aiohttp.ClientError, OSError) as error:
+            last = error
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {last}") from last
+        await asyncio.sleep(0.1)
 
 
 class ChartEmulator(ClusterEmulator):
@@ -107,10 +136,28 @@ async def running_chart_cluster(tmp: Path, namespace: str) -> AsyncIterator[tupl
             await controllers.stop()
 
 
+async def helm_install(emulator: ChartEmulator, kubectl: Kubectl, installed: list[dict[str, Any]]) -> None:
+    """What `helm install` does: the CRDs from crds/ first, then the rendered templates (hooks aside), each
+    checked to be stored as rendered."""
+    assert await install_crds(emulator, kubectl, crd_documents()) == ["llmswarm.dev/v1alpha1/swarms"]
+    out = await kubectl.apply(yaml.safe_dump_all(installed))
+    for manifest in installed:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        assert f"/{name} created" in out, f"{kind} {name} not created:\n{out}"
+        stored = emulator.stored(PLURALS[kind], manifest["metadata"].get("namespace"), name)
+        assert stored is not None, f"{kind} {name} is not stored"
+        assert {k: stored.get(k) for k in manifest if k not in ("metadata", "status")} == \
+            {k: v for k, v in manifest.items() if k not in ("metadata", "status")}, f"{kind} {name} differs"
+
+
+async def swarm_phase(kubectl: Kubectl, name: str, phase: str) -> dict[str, Any]:
+    status = (await kubectl.get_json("swarm", name)).get("status") or {}
+    assert status.get("phase") == phase, f"{name}: phase {status.get('phase')}, conditions {status.get('conditions')}"
+    return status  # type: ignore[no-any-return]
+
+
 async def install_crds(emulator: ChartEmulator, kubectl: Kubectl, documents: list[dict[str, Any]]) -> list[str]:
     """`kubectl apply` the CRDs, then serve each stored one (what the API server does once a CRD is established)."""
-    import yaml
-
     out = await kubectl.apply(yaml.safe_dump_all(documents))
     served = []
     for document in documents:

@@ -8,12 +8,9 @@ makes is checked against the RBAC the chart grants it.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,40 +18,19 @@ import yaml
 
 from llmswarm_operator.manifests import COMPONENT_ROUTEMAP, COMPONENT_SERVER, routemap_name
 from tests.chart.cluster import (
-    CHART_RESOURCES,
     ChartEmulator,
-    install_crds,
+    eventually,
+    free_port,
+    helm_install,
     namespace_paths_parsed,
     operator_process,
     running_chart_cluster,
+    swarm_phase,
 )
-from tests.chart.rendering import NAMESPACE, RELEASE, ROOT, Rendered, crd_documents, merge, render, scenario_values, selector_matches
-from tests.operator.cluster import BUILTINS, FakeControllers, Kubectl
+from tests.chart.rendering import NAMESPACE, RELEASE, ROOT, Rendered, merge, render, scenario_values, selector_matches
+from tests.operator.cluster import FakeControllers, Kubectl
 
 OUTPUT = ROOT / "test-output" / "chart"
-PLURALS = {info.kind: key.rsplit("/", 1)[1] for key, info in {**BUILTINS, **CHART_RESOURCES}.items()} | {"Swarm": "swarms"}
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: BaseException | None = None
-    while True:
-        try:
-            result = await check()
-            if result:
-                return result
-        except (AssertionError, aiohttp.ClientError, OSError) as error:
-            last = error
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {last}") from last
-        await asyncio.sleep(0.1)
 
 
 def install_values(metrics_port: int, health_port: int) -> dict[str, Any]:
@@ -107,19 +83,6 @@ def operator_requests(emulator: ChartEmulator) -> list[tuple[str | None, str, st
 
 # ---- the test ---------------------------------------------------------------------------------------------------
 
-async def helm_install(emulator: ChartEmulator, kubectl: Kubectl, installed: list[dict[str, Any]]) -> None:
-    """CRDs from crds/ first, then the rendered templates, each checked to be stored as rendered."""
-    assert await install_crds(emulator, kubectl, crd_documents()) == ["llmswarm.dev/v1alpha1/swarms"]
-    out = await kubectl.apply(yaml.safe_dump_all(installed))
-    for manifest in installed:
-        kind, name = manifest["kind"], manifest["metadata"]["name"]
-        assert f"/{name} created" in out, f"{kind} {name} not created:\n{out}"
-        stored = emulator.stored(PLURALS[kind], manifest["metadata"].get("namespace"), name)
-        assert stored is not None, f"{kind} {name} is not stored"
-        assert {k: stored.get(k) for k in manifest if k not in ("metadata", "status")} == \
-            {k: v for k, v in manifest.items() if k not in ("metadata", "status")}, f"{kind} {name} differs"
-
-
 def audit(rendered: Rendered, emulator: ChartEmulator, deployment: dict[str, Any], name: str) -> list[tuple[str, str, str]]:
     """Every request the operator made must be one the chart's RBAC allows; returns what it used."""
     requests = operator_requests(emulator)
@@ -144,12 +107,6 @@ def pods_matching(controllers: FakeControllers, selector: dict[str, Any]) -> lis
 async def get_text(url: str) -> tuple[int, str]:
     async with aiohttp.ClientSession() as http, http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
         return response.status, await response.text()
-
-
-async def swarm_phase(kubectl: Kubectl, name: str, phase: str) -> dict[str, Any]:
-    status = (await kubectl.get_json("swarm", name)).get("status") or {}
-    assert status.get("phase") == phase, f"{name}: phase {status.get('phase')}, conditions {status.get('conditions')}"
-    return status
 
 
 @pytest.mark.timeout(180)
