@@ -183,7 +183,7 @@ def wheel(dockerfile: Dockerfile, tmp_path_factory: pytest.TempPathFactory) -> z
 def test_the_project_installs_as_one_wheel_with_every_package(wheel: zipfile.ZipFile) -> None:
     names = set(wheel.namelist())
     for module in ("llmswarm/cli.py", "llmswarm_node/main.py", "llmswarm_operator/__main__.py", "llmswarm_operator/routemap_file.py",
-                   "llmswarm/gateway/__main__.py"):
+                   "llmswarm/gateway/__main__.py", "llmswarm/gateway/static/index.html"):
         assert module in names, f"{module} is not in the wheel"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "llmswarm = llmswarm.cli:main" in wheel.read(entry_points).decode()
