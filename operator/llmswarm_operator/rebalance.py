@@ -188,8 +188,8 @@ class _State:
         return low, int((self.level < low + self.tol).sum())
 
 
-def _best_move(state: _State, redundancy: int, allow: np.ndarray) -> tuple[tuple[float, ...], int, int] | None:
-    """The best single move from `state` among servers in `allow`: (key, server, new start), or None if none helps.
+def _best_move(state: _State) -> tuple[tuple[float, ...], int, int] | None:
+    """The best single move from `state`: (key, server, new start), or None if no move helps.
 
     Vectorized per span length: for every server of that length and every window, the new
     bottleneck is min(prefix min, window min + height, suffix min) of the levels without the
@@ -200,7 +200,7 @@ def _best_move(state: _State, redundancy: int, allow: np.ndarray) -> tuple[tuple
     floor_ok = low - state.tol
     best: tuple[tuple[float, ...], int, int] | None = None
     B = state.num_blocks
-    candidates = np.flatnonzero(allow & state.movable)
+    candidates = np.flatnonzero(state.movable)
     if candidates.size == 0:
         return None
     for length in np.unique(state.lengths[candidates]):
@@ -250,19 +250,18 @@ def _best_move(state: _State, redundancy: int, allow: np.ndarray) -> tuple[tuple
     return best
 
 
-def _search(state: _State, redundancy: int, max_moves: int, max_steps: int | None = None,
+def _search(state: _State, max_moves: int, max_steps: int | None = None,
             deadline: float | None = None) -> tuple[list[tuple[int, int, int]], list[float], bool]:
     """Greedy moves from `state` (changed in place). Returns (server, old start, new start) per step, the
     bottleneck after each step, and whether the search ended at a local optimum."""
     steps: list[tuple[int, int, int]] = []
     lows: list[float] = []
-    everyone = np.ones(state.starts.size, dtype=bool)
     while True:
         if max_steps is not None and len(steps) >= max_steps:
             return steps, lows, False
         if deadline is not None and time.perf_counter() > deadline:
             return steps, lows, False
-        found = _best_move(state, redundancy, everyone)
+        found = _best_move(state)
         if found is None:
             return steps, lows, True
         _, index, start = found
@@ -339,7 +338,7 @@ def plan(
         return unchanged("moves are disabled (max_moves = 0)")
     state = _state(num_blocks, [s.span for s in servers], [s.throughput for s in servers], level, redundancy,
                    [s.movable for s in servers], [s.utilisation for s in servers])
-    steps, lows, complete = _search(state, redundancy, max_moves)
+    steps, lows, complete = _search(state, max_moves)
     if not steps:
         return unchanged("balanced: no move raises the bottleneck", complete=complete)
     best = max(lows)
@@ -421,7 +420,7 @@ def fresh_plan(num_blocks: int, servers: Sequence[Capacity], redundancy: int = 1
     deadline = time.perf_counter() + polish_seconds
     while time.perf_counter() < deadline:
         state.moved.clear()
-        steps, _, complete = _search(state, redundancy, max_moves=len(servers), max_steps=64, deadline=deadline)
+        steps, _, complete = _search(state, max_moves=len(servers), max_steps=64, deadline=deadline)
         if complete or not steps:
             break
     return {s.id: Span(int(state.starts[i]), int(state.starts[i] + state.lengths[i])) for i, s in enumerate(servers)}
