@@ -1,11 +1,11 @@
-"""Aggregate tokens/s with 1, 4 and 16 sessions generating at once.
+"""Aggregate tokens/s with 1, 4, 16 and 32 sessions generating at once.
 
 Swarm: a 3-server local swarm; N client sessions (threads of one client process) each
 generate 32 new tokens greedily from their own prompt, all at once. Local: transformers
 `generate()` on a batch of the same N prompts (left-padded), in its own process, measured
 in the same run. Prints one JSON object:
 
-    {"swarm_tok_s": {"1": ..., "4": ..., "16": ...}, "local_tok_s": {...}, ...}
+    {"swarm_tok_s": {"1": ..., "4": ..., "16": ..., "32": ...}, "local_tok_s": {...}, ...}
 
     python bench/concurrency.py [--new-tokens 32] [--sessions 1,4,16]
 """
@@ -104,7 +104,7 @@ def swarm_part(sessions: list[int], new_tokens: int) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--sessions", default="1,4,16")
+    parser.add_argument("--sessions", default="1,4,16,32")
     parser.add_argument("--part", choices=("local", "swarm"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sessions = [int(n) for n in args.sessions.split(",")]
