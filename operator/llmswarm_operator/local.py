@@ -1,8 +1,8 @@
 """The local substrate: a route-map service plus block servers as local processes.
 
 ``llmswarm up`` and the integration tests use :class:`LocalSwarm`. Spans come from the
-same placement function the Kubernetes operator uses. Server ``local-N`` is
-``processes[N]``; :meth:`LocalSwarm.move` gives a server a new span make-before-break (a
+same placement function the Kubernetes operator uses. The servers it starts are
+``local-N``, N their index in ``processes``; :meth:`LocalSwarm.move` gives a server a new span make-before-break (a
 new process ``local-M`` on the new span, online before the old one drains), which is how
 the rebalancer (:mod:`llmswarm_operator.local_rebalance`) acts.
 """
@@ -105,7 +105,7 @@ class LocalSwarm:
 
     def __init__(self, options: LocalSwarmOptions | None = None) -> None:
         self.options = options or LocalSwarmOptions()
-        # One entry per server process ever started, in order: server `local-N` is index N.
+        # One entry per server process ever started, in order (the swarm names its own `local-<index>`).
         self.spans: list[Span] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self.log_files: list[Path] = []
