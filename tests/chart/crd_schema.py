@@ -29,6 +29,21 @@ def crd_spec_schema() -> dict[str, Any]:
     return version["schema"]["openAPIV3Schema"]["properties"]["spec"]  # type: ignore[no-any-return]
 
 
+def swarm_schema() -> dict[str, Any]:
+    """The CRD's schema of a whole Swarm as (draft-4) JSON schema: the x-kubernetes-* extensions dropped."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    definition = yaml.safe_load(CRD_FILE.read_text())
+    (version,) = [v for v in definition["spec"]["versions"] if v.get("storage")]
+    return strip(version["schema"]["openAPIV3Schema"])  # type: ignore[no-any-return]
+
+
 def to_draft7(schema: Any) -> Any:
     if isinstance(schema, list):
         return [to_draft7(item) for item in schema]

@@ -20,7 +20,7 @@ from helm_python import HelmError, HelmValuesError
 
 from llmswarm_operator import manifests as operator_manifests
 from llmswarm_operator.settings import PREFIX, OperatorSettings
-from tests.chart.crd_schema import VALUES_SCHEMA, crd_spec_schema, swarm_spec_values_schema
+from tests.chart.crd_schema import VALUES_SCHEMA, crd_spec_schema, swarm_schema, swarm_spec_values_schema
 from tests.chart.rendering import (
     CHART_DIR,
     NAMESPACE,
@@ -103,22 +103,6 @@ def test_crds_are_installed_from_crds_folder_only(rendered: dict[str, Rendered])
 
 
 # ---- Kubernetes schemas ---------------------------------------------------------------------------------------
-
-def swarm_schema() -> dict[str, Any]:
-    """The CRD's schema of a whole Swarm as JSON schema (the x-kubernetes-* extensions dropped)."""
-    from tests.chart.crd_schema import CRD_FILE
-
-    definition = yaml.safe_load(CRD_FILE.read_text())
-
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return strip(definition["spec"]["versions"][0]["schema"]["openAPIV3Schema"])  # type: ignore[no-any-return]
-
 
 _RELABEL = {"type": "object", "additionalProperties": False, "properties": {
     k: {} for k in ("sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action")}}

@@ -12,8 +12,8 @@ import yaml
 
 from llmswarm.cli import build_parser
 from llmswarm_operator.swarm_spec import parse_spec, plan_placement
+from tests.chart.crd_schema import swarm_schema
 from tests.chart.rendering import NAMESPACE, ROOT, load_chart, merge, render
-from tests.chart.test_chart import swarm_schema
 
 KIND_CONFIG = ROOT / "kind-config.yaml"
 DOC = ROOT / "docs" / "kubernetes.md"
