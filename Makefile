@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/concurrency.py
 	$(BIN)/python bench/quantization.py
+	$(BIN)/python bench/placement.py
 
 clean:
 	rm -rf $(VENV) test-output .pytest_cache
