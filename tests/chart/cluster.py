@@ -8,6 +8,8 @@ Two things are added to that harness here:
 - :func:`namespace_paths_parsed` makes kmock parse ``/api/v1/namespaces`` and ``/api/v1/namespaces/NAME``
   (the Namespace list and objects; kmock 0.8 reads the segment after ``namespaces`` as a namespace and
   fails on the list with a 500), which Kopf lists and watches when the operator serves chosen namespaces;
+- :func:`audit` checks every API request the operator process made (told apart by its User-Agent) against
+  the rendered RBAC: the verb, group, resource and namespace of each must be granted to its ServiceAccount;
 - :func:`operator_process` starts ``python -m llmswarm_operator`` as a process with the command and the
   environment of the rendered Deployment's container (Secret references resolved from the emulator, as the
   kubelet does), against the emulator's kubeconfig.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -29,7 +32,7 @@ import aiohttp
 import kmock
 import yaml
 
-from tests.chart.rendering import ROOT, crd_documents
+from tests.chart.rendering import NAMESPACE, ROOT, Rendered, crd_documents
 from tests.operator.cluster import BUILTINS, VERBS, ClusterEmulator, FakeControllers, Kubectl, declare_crd, write_kubeconfig
 
 T = TypeVar("T")
@@ -203,3 +206,58 @@ async def operator_process(deployment: dict[str, Any], emulator: ChartEmulator, 
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+def verb_of(request: Any) -> str:
+    method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
+    if method == "GET":
+        if request.name:
+            return "get"
+        return "watch" if request.params.get("watch") in ("true", "1") else "list"
+    return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete" if request.name else "deletecollection"}[method]
+
+
+def granted(rendered: Rendered, service_account: str, namespace: str | None, group: str, resource: str, verb: str,
+            release_namespace: str = NAMESPACE) -> bool:
+    """Whether the chart's (Cluster)Roles and bindings let the ServiceAccount do `verb` on `resource` in `namespace`."""
+    roles = {(r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]): r
+             for r in rendered.all("ClusterRole") + rendered.all("Role")}
+    subject = {"kind": "ServiceAccount", "name": service_account, "namespace": release_namespace}
+    for binding in rendered.all("ClusterRoleBinding") + rendered.all("RoleBinding"):
+        if subject not in binding["subjects"]:
+            continue
+        scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+        if scope is not None and scope != namespace:
+            continue  # a RoleBinding grants in its own namespace only (and never cluster-wide lists)
+        ref = binding["roleRef"]
+        role = roles.get((ref["kind"], None if ref["kind"] == "ClusterRole" else scope, ref["name"]))
+        assert role is not None, f"{binding['metadata']['name']} refers to a missing {ref['kind']} {ref['name']}"
+        for rule in role["rules"]:
+            if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
+                return True
+    return False
+
+
+def operator_requests(emulator: ChartEmulator) -> list[tuple[str | None, str, str, str]]:
+    """(namespace, group, resource[/subresource], verb) of every API request the operator process made."""
+    out = []
+    for request in list(emulator):
+        agent = request.headers.get("User-Agent", "")
+        if request.resource is None or request.resource.plural is None or not agent.startswith(("kopf/", "llmswarm-operator")):
+            continue  # not the operator, or discovery (allowed to every authenticated client)
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        out.append((request.namespace, request.resource.group, resource, verb_of(request)))
+    return out
+
+
+def audit(rendered: Rendered, emulator: ChartEmulator, deployment: dict[str, Any], output: Path, name: str) -> list[tuple[str, str, str]]:
+    """Every request the operator made must be one the chart's RBAC allows; returns what it used."""
+    requests = operator_requests(emulator)
+    assert len(requests) > 20
+    service_account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    release_namespace = deployment["metadata"]["namespace"]
+    denied = sorted({r for r in requests if not granted(rendered, service_account, *r, release_namespace=release_namespace)}, key=str)
+    assert denied == [], f"requests the chart's RBAC would refuse: {denied}"
+    used = sorted({(r[1], r[2], r[3]) for r in requests})
+    (output / f"operator-requests-{name}.json").write_text(json.dumps(used, indent=1))
+    return used

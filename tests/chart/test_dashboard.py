@@ -26,7 +26,7 @@ import yaml
 
 from llmswarm_operator.manifests import desired_servers
 from llmswarm_operator.swarm_spec import parse_spec, plan_placement
-from tests.chart.cluster import eventually, free_port, install_crds, operator_process, running_chart_cluster, swarm_phase
+from tests.chart.cluster import audit, eventually, free_port, install_crds, operator_process, running_chart_cluster, swarm_phase
 from tests.chart.conftest import OUTPUT
 from tests.chart.rendering import CHART_DIR, RELEASE, ROOT, crd_documents, render
 
@@ -128,10 +128,10 @@ def test_every_dashboard_query_uses_only_metrics_the_code_exports() -> None:
         used |= names
     assert not any(n.startswith("llmswarm_gateway_") for n in used)
     # The issue's panels: coverage per block, servers by state, tokens/s, latency percentiles, KV cache against its
-    # limit, queue depth, active sessions (a rebalance panel needs a rebalancer's metrics: none is exported yet).
+    # limit, queue depth, active sessions, rebalance events.
     for name in ("llmswarm_block_replicas", "llmswarm_routemap_servers", "llmswarm_tokens_processed_total",
                  "llmswarm_request_duration_seconds_bucket", "llmswarm_kv_cache_bytes_used", "llmswarm_kv_cache_bytes_limit",
-                 "llmswarm_queue_depth", "llmswarm_active_sessions"):
+                 "llmswarm_queue_depth", "llmswarm_active_sessions", "llmswarm_rebalance_rounds_total", "llmswarm_rebalance_moves_total"):
         assert name in used, name
 
 
@@ -288,29 +288,41 @@ async def test_every_panel_returns_data_from_a_real_prometheus(local_swarm: Any,
         await install_crds(emulator, kubectl, crd_documents())
         controllers.all_ready = True
         deployment = rendered.get("Deployment", f"{RELEASE}-operator")
-        async with operator_process(deployment, emulator, kubectl.kubeconfig, OUTPUT / "operator-dashboard.log"):
-            swarm = {"apiVersion": "llmswarm.dev/v1alpha1", "kind": "Swarm", "metadata": {"name": SWARM}, "spec": spec}
-            await kubectl.apply(yaml.safe_dump(swarm))
-            await eventually(lambda: swarm_phase(kubectl, SWARM, "Ready"), 60, f"{SWARM} to be Ready")
+        config = prometheus_config(rendered, pods, f"127.0.0.1:{metrics_port}")
+        (OUTPUT / "dashboard-prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        prometheus = Prometheus(tmp_path, config)
+        try:
+            async with operator_process(deployment, emulator, kubectl.kubeconfig, OUTPUT / "operator-dashboard.log"), \
+                    aiohttp.ClientSession() as http:
+                # The rebalancer reads the servers' load from this Prometheus (its rounds are the dashboard's
+                # rebalance events).
+                rebalance = {"enabled": True, "intervalSeconds": 10, "prometheusUrl": prometheus.url}
+                swarm = {"apiVersion": "llmswarm.dev/v1alpha1", "kind": "Swarm", "metadata": {"name": SWARM},
+                         "spec": {**spec, "rebalance": rebalance}}
+                await kubectl.apply(yaml.safe_dump(swarm))
+                await eventually(lambda: swarm_phase(kubectl, SWARM, "Ready"), 60, f"{SWARM} to be Ready")
 
-            config = prometheus_config(rendered, pods, f"127.0.0.1:{metrics_port}")
-            (OUTPUT / "dashboard-prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-            prometheus = Prometheus(tmp_path, config)
-            try:
-                async with aiohttp.ClientSession() as http:
-                    async def up() -> bool:
-                        active = (await prometheus.api(http, "targets"))["activeTargets"]
-                        assert len(active) == len(pods) + 1 and all(t["health"] == "up" for t in active), \
-                            [(t["scrapeUrl"], t["health"], t.get("lastError")) for t in active]
-                        return True
-                    await eventually(up, 30, "Prometheus to scrape every target")
-                    start = time.time()
-                    answer = await asyncio.to_thread(generate, local_swarm.url)
-                    assert "Paris" in answer
-                    await asyncio.sleep(3)  # a few scrapes after the traffic
-                    report = await evaluate(prometheus, http, start - 20, time.time())
-            finally:
-                prometheus.stop()
+                async def up() -> bool:
+                    active = (await prometheus.api(http, "targets"))["activeTargets"]
+                    assert len(active) == len(pods) + 1 and all(t["health"] == "up" for t in active), \
+                        [(t["scrapeUrl"], t["health"], t.get("lastError")) for t in active]
+                    return True
+                await eventually(up, 30, "Prometheus to scrape every target")
+                start = time.time()
+                answer = await asyncio.to_thread(generate, local_swarm.url)
+                assert "Paris" in answer
+
+                async def rebalanced() -> bool:
+                    rounds = await prometheus.api(http, "query", query="llmswarm_rebalance_rounds_total")
+                    assert rounds["result"], "no rebalance round yet"
+                    return True
+                await eventually(rebalanced, 40, "a rebalance round")
+                await asyncio.sleep(3)  # a few scrapes after the traffic and the round
+                report = await evaluate(prometheus, http, start - 20, time.time())
+                status = (await kubectl.get_json("swarm", SWARM))["status"]
+        finally:
+            prometheus.stop()
+        audit(rendered, emulator, deployment, OUTPUT, "dashboard")  # the rebalancer's requests too
     (OUTPUT / "dashboard-queries.json").write_text(json.dumps(report, indent=1))
     empty = [name for name, result in report["targets"].items() if not result["finite"]]
     assert empty == [], f"panel queries with no data: {empty} (see test-output/chart/dashboard-queries.json)"
@@ -329,6 +341,9 @@ async def test_every_panel_returns_data_from_a_real_prometheus(local_swarm: Any,
     assert all(v > 0 for v in peaks["Tokens/s per block / A"].values())
     assert 0 < peaks["Step latency percentiles / A"][""] <= peaks["Step latency percentiles / C"][""]
     assert all(v > 0 for v in last["KV cache bytes / B"].values())
+    # The rebalance round the panel shows is the one the Swarm's status reports.
+    result = status["rebalance"]["result"]
+    assert result in report["targets"]["Rebalance events / A"]["last"], (result, report["targets"]["Rebalance events / A"])
 
 
 async def evaluate(prometheus: Prometheus, http: aiohttp.ClientSession, start: float, end: float) -> dict[str, Any]:

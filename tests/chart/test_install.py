@@ -19,15 +19,17 @@ import yaml
 from llmswarm_operator.manifests import COMPONENT_ROUTEMAP, COMPONENT_SERVER, routemap_name
 from tests.chart.cluster import (
     ChartEmulator,
+    audit,
     eventually,
     free_port,
+    granted,
     helm_install,
     namespace_paths_parsed,
     operator_process,
     running_chart_cluster,
     swarm_phase,
 )
-from tests.chart.rendering import NAMESPACE, RELEASE, ROOT, Rendered, merge, render, scenario_values, selector_matches
+from tests.chart.rendering import NAMESPACE, RELEASE, ROOT, merge, render, scenario_values, selector_matches
 from tests.operator.cluster import FakeControllers, Kubectl
 
 OUTPUT = ROOT / "test-output" / "chart"
@@ -39,61 +41,7 @@ def install_values(metrics_port: int, health_port: int) -> dict[str, Any]:
         "reconcileInterval": 0.5, "retryDelay": 0.5, "drainSeconds": 0}}})
 
 
-# ---- RBAC: what a request needs, and whether the chart grants it ------------------------------------------------
-
-def verb_of(request: Any) -> str:
-    method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
-    if method == "GET":
-        if request.name:
-            return "get"
-        return "watch" if request.params.get("watch") in ("true", "1") else "list"
-    return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete" if request.name else "deletecollection"}[method]
-
-
-def granted(rendered: Rendered, service_account: str, namespace: str | None, group: str, resource: str, verb: str) -> bool:
-    roles = {(r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]): r
-             for r in rendered.all("ClusterRole") + rendered.all("Role")}
-    subject = {"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}
-    for binding in rendered.all("ClusterRoleBinding") + rendered.all("RoleBinding"):
-        if subject not in binding["subjects"]:
-            continue
-        scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
-        if scope is not None and scope != namespace:
-            continue  # a RoleBinding grants in its own namespace only (and never cluster-wide lists)
-        ref = binding["roleRef"]
-        role = roles.get((ref["kind"], None if ref["kind"] == "ClusterRole" else scope, ref["name"]))
-        assert role is not None, f"{binding['metadata']['name']} refers to a missing {ref['kind']} {ref['name']}"
-        for rule in role["rules"]:
-            if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
-                return True
-    return False
-
-
-def operator_requests(emulator: ChartEmulator) -> list[tuple[str | None, str, str, str]]:
-    """(namespace, group, resource[/subresource], verb) of every API request the operator process made."""
-    out = []
-    for request in list(emulator):
-        agent = request.headers.get("User-Agent", "")
-        if request.resource is None or request.resource.plural is None or not agent.startswith(("kopf/", "llmswarm-operator")):
-            continue  # not the operator, or discovery (allowed to every authenticated client)
-        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-        out.append((request.namespace, request.resource.group, resource, verb_of(request)))
-    return out
-
-
 # ---- the test ---------------------------------------------------------------------------------------------------
-
-def audit(rendered: Rendered, emulator: ChartEmulator, deployment: dict[str, Any], name: str) -> list[tuple[str, str, str]]:
-    """Every request the operator made must be one the chart's RBAC allows; returns what it used."""
-    requests = operator_requests(emulator)
-    assert len(requests) > 20
-    service_account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
-    denied = sorted({r for r in requests if not granted(rendered, service_account, r[0], r[1], r[2], r[3])}, key=str)
-    assert denied == [], f"requests the chart's RBAC would refuse: {denied}"
-    used = sorted({(r[1], r[2], r[3]) for r in requests})
-    (OUTPUT / f"operator-requests-{name}.json").write_text(json.dumps(used, indent=1))
-    return used
-
 
 def _server_deployments(emulator: ChartEmulator, swarm: str) -> list[dict[str, Any]]:
     return [d for d in emulator.live("deployments") if (d["metadata"].get("labels") or {}).get("llmswarm.dev/swarm") == swarm
@@ -196,7 +144,7 @@ async def test_install_the_chart_then_the_operator_reconciles_swarms(tmp_path: P
             assert process.returncode is None
 
         # 8. Least privilege, checked: every request the operator made is one the chart's RBAC allows.
-        used = audit(rendered, emulator, deployment, "all-on")
+        used = audit(rendered, emulator, deployment, OUTPUT, "all-on")
         for needed in [("llmswarm.dev", "swarms", "watch"), ("llmswarm.dev", "swarms/status", "patch"), ("apps", "deployments", "create"),
                        ("", "services", "create"), ("", "configmaps", "create"), ("", "pods", "list"), ("", "events", "create"),
                        ("kopf.dev", "clusterkopfpeerings", "patch"), ("apps", "deployments", "patch"), ("apps", "deployments", "delete"),
@@ -229,7 +177,7 @@ async def test_install_minimal_operator_watches_its_namespace_only(tmp_path: Pat
             assert "status" not in other, "the operator acted outside the namespaces it watches"
             assert not [d for d in emulator.live("deployments") if d["metadata"]["namespace"] == "other"]
             assert process.returncode is None
-        used = audit(rendered, emulator, deployment, "minimal")
+        used = audit(rendered, emulator, deployment, OUTPUT, "minimal")
         assert ("llmswarm.dev", "swarms", "watch") in used and ("apps", "deployments", "create") in used
     log = (OUTPUT / "operator-minimal.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]
