@@ -463,10 +463,11 @@ def test_network_policies(rendered: dict[str, Rendered]) -> None:
     assert selected("swarms", server_pod) and selected("swarms", routemap_pod)
     assert not selected("swarms", operator_pod) and not selected("swarms", gateway_pod)
     assert selected("gateway", gateway_pod) and not selected("gateway", server_pod)
-    # Llmswarm's own pods (gateway, servers announcing, the helm test, a client run as NOTES.txt says) get in.
+    # Llmswarm's own pods (gateway, servers announcing, the helm test, a client run as NOTES.txt says, the operator's
+    # rebalancer scraping the servers' /metrics) get in.
     allowed = policies["swarms"]["ingress"][0]["from"]
     own = [peer for peer in allowed if "podSelector" in peer]
-    for labels in (gateway_pod, server_pod, test_pod, {"app.kubernetes.io/part-of": "llmswarm"}):
+    for labels in (gateway_pod, server_pod, test_pod, operator_pod, {"app.kubernetes.io/part-of": "llmswarm"}):
         assert any(selector_matches(peer["podSelector"], labels) for peer in own)
     assert allowed[len(own):] == scenario_values("all-on")["networkPolicy"]["swarmFrom"]
     operator_ports = [rule["ports"][0]["port"] for rule in policies["operator"]["ingress"]]
