@@ -27,15 +27,15 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 
-from llmswarm.routemap import STATES, Announcement, RouteMap, ServerRecord
+from llmswarm.routemap import Announcement, RouteMap, ServerRecord
+from llmswarm.security import TOKEN_ENV, token_from_env, token_middleware
+from llmswarm_operator.routemap_service import MAX_BODY_BYTES, RouteMapMetrics, read_announcement
 from llmswarm_operator.routetable import ModelMismatch, RouteTable
 
 log = logging.getLogger("llmswarm.routemap")
 
-MAX_BODY_BYTES = 64 * 1024
 
 
 class FileRouteMap:
@@ -87,22 +87,15 @@ class FileRouteMap:
 
 
 class FileRouteMapService:
-    def __init__(self, path: Path, reload_interval: float = 1.0) -> None:
+    def __init__(self, path: Path, reload_interval: float = 1.0, token: str | None = None) -> None:
         self.path = path
+        self.token = token
         self.reload_interval = reload_interval
         self.routes = FileRouteMap()
         self._raw: bytes | None = None
         self._task: asyncio.Task[None] | None = None
-        self.registry = CollectorRegistry()
-        self._version = Gauge("llmswarm_routemap_version", "Version of the published route map", registry=self.registry)
-        self._servers = Gauge("llmswarm_routemap_servers", "Servers in the route map, by state", ["state"],
-                              registry=self.registry)
-        self._min_replicas = Gauge("llmswarm_routemap_min_replicas", "Fewest online servers covering any block",
-                                   registry=self.registry)
-        self._uncovered = Gauge("llmswarm_routemap_uncovered_blocks", "Blocks no online server covers",
-                                registry=self.registry)
-        self._block_replicas = Gauge("llmswarm_block_replicas", "Online servers covering each block", ["block"],
-                                     registry=self.registry)
+        self.metrics_ = RouteMapMetrics()
+        self.registry = self.metrics_.registry
 
     def reload(self) -> bool:
         """Read the file if it changed; keep the last good map if it is missing or broken."""
@@ -125,7 +118,7 @@ class FileRouteMapService:
         return True
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[token_middleware(self.token)])
         app.router.add_get("/v1/routes", self.get_routes)
         app.router.add_post("/v1/servers", self.announce)
         app.router.add_delete("/v1/servers/{server_id}", self.leave)
@@ -154,13 +147,11 @@ class FileRouteMapService:
         return web.json_response(self.routes.snapshot().model_dump())
 
     async def announce(self, request: web.Request) -> web.Response:
+        announcement = await read_announcement(request)
+        if isinstance(announcement, web.Response):
+            return announcement
         try:
-            announcement = Announcement.model_validate_json(await request.read())
             self.routes.announce(announcement)
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-            return web.json_response({"error": f"bad announcement: {where}: {first.get('msg')}"}, status=400)
         except ModelMismatch as error:
             return web.json_response({"error": str(error)}, status=409)
         listed = self.routes.file is not None and any(s.id == announcement.server.id for s in self.routes.file.servers)
@@ -174,16 +165,7 @@ class FileRouteMapService:
         return web.json_response({"status": "ok", "loaded": self.routes.file is not None})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        snapshot = self.routes.snapshot()
-        self._version.set(snapshot.version)
-        for state in STATES:
-            self._servers.labels(state).set(sum(1 for s in snapshot.servers if s.state == state))
-        coverage = snapshot.coverage()
-        self._min_replicas.set(min(coverage, default=0))
-        self._uncovered.set(sum(1 for c in coverage if c == 0))
-        for block, count in enumerate(coverage):
-            self._block_replicas.labels(str(block)).set(count)
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return self.metrics_.response(self.routes.snapshot())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8700)
     parser.add_argument("--reload-interval", type=float, default=1.0, help="seconds between checks of the file")
+    parser.add_argument("--token", help=f"swarm token required on /v1 requests (default: ${TOKEN_ENV})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    service = FileRouteMapService(args.routes, args.reload_interval)
+    service = FileRouteMapService(args.routes, args.reload_interval, token_from_env(args.token))
     web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None)
     return 0
 

@@ -40,11 +40,10 @@ def prometheus_targets(routes: RouteMap) -> list[dict[str, object]]:
     return groups
 
 
-class RouteMapService:
-    def __init__(self, model: ModelInfo | None = None, expiry_interval: float = 1.0, token: str | None = None) -> None:
-        self.table = RouteTable(model)
-        self.token = token
-        self.expiry_interval = expiry_interval
+class RouteMapMetrics:
+    """The route map's own metrics, shared by the announcement-driven and the file-driven services."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._version = Gauge("llmswarm_routemap_version", "Version of the published route map", registry=self.registry)
         self._servers = Gauge("llmswarm_routemap_servers", "Servers in the route map, by state", ["state"],
@@ -55,6 +54,36 @@ class RouteMapService:
                                 registry=self.registry)
         self._block_replicas = Gauge("llmswarm_block_replicas", "Online servers covering each block", ["block"],
                                      registry=self.registry)
+
+    def response(self, snapshot: RouteMap) -> web.Response:
+        self._version.set(snapshot.version)
+        for state in STATES:
+            self._servers.labels(state).set(sum(1 for s in snapshot.servers if s.state == state))
+        coverage = snapshot.coverage()
+        self._min_replicas.set(min(coverage, default=0))
+        self._uncovered.set(sum(1 for c in coverage if c == 0))
+        for block, count in enumerate(coverage):
+            self._block_replicas.labels(str(block)).set(count)
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def read_announcement(request: web.Request) -> Announcement | web.Response:
+    """The request's announcement, or the 400 reply that says what is wrong with it."""
+    try:
+        return Announcement.model_validate_json(await request.read())
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        return web.json_response({"error": f"bad announcement: {where}: {first.get('msg')}"}, status=400)
+
+
+class RouteMapService:
+    def __init__(self, model: ModelInfo | None = None, expiry_interval: float = 1.0, token: str | None = None) -> None:
+        self.table = RouteTable(model)
+        self.token = token
+        self.expiry_interval = expiry_interval
+        self.metrics_ = RouteMapMetrics()
+        self.registry = self.metrics_.registry
         self._expiry: asyncio.Task[None] | None = None
 
     def app(self) -> web.Application:
@@ -87,13 +116,11 @@ class RouteMapService:
         return web.json_response(self.table.snapshot().model_dump())
 
     async def announce(self, request: web.Request) -> web.Response:
+        announcement = await read_announcement(request)
+        if isinstance(announcement, web.Response):
+            return announcement
         try:
-            announcement = Announcement.model_validate_json(await request.read())
             self.table.announce(announcement)
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-            return web.json_response({"error": f"bad announcement: {where}: {first.get('msg')}"}, status=400)
         except ModelMismatch as error:
             return web.json_response({"error": str(error)}, status=409)
         return web.json_response({"version": self.table.version})
@@ -110,13 +137,4 @@ class RouteMapService:
         return web.json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        snapshot = self.table.snapshot()
-        self._version.set(snapshot.version)
-        for state in STATES:
-            self._servers.labels(state).set(sum(1 for s in snapshot.servers if s.state == state))
-        coverage = snapshot.coverage()
-        self._min_replicas.set(min(coverage, default=0))
-        self._uncovered.set(sum(1 for c in coverage if c == 0))
-        for block, count in enumerate(coverage):
-            self._block_replicas.labels(str(block)).set(count)
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return self.metrics_.response(self.table.snapshot())

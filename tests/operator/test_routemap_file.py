@@ -107,3 +107,24 @@ async def eventually(check: Any, timeout: float = 5.0) -> Any:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+async def test_token_is_required_when_set(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    write(path, 1, record("a", 0, 30, "online"))
+    runner = web.AppRunner(FileRouteMapService(path, reload_interval=0.05, token="t0ken").app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/v1/routes") as response:
+                assert response.status == 401
+                assert await response.json() == {"error": "unauthorized"}
+            async with http.get(f"{url}/v1/routes", headers={"Authorization": "Bearer t0ken"}) as response:
+                assert response.status == 200
+                assert RouteMap.model_validate(await response.json()).servers[0].id == "a"
+            async with http.get(f"{url}/metrics") as response:
+                assert response.status == 200 and "llmswarm_routemap_version" in await response.text()
+    finally:
+        await runner.cleanup()
