@@ -170,6 +170,7 @@ def server_deployment(
             {"name": "LLMSWARM_CACHE", "value": CACHE_DIR},
             {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
             {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+            *token_env(settings),
         ],
         "resources": _resources(pool),
         # Loading a span can take minutes: the startup probe covers it (up to 30 minutes).
@@ -244,6 +245,14 @@ def routemap_configmap(owner: Owner, routes: RouteMap, assignment: str | None = 
     }
 
 
+def token_env(settings: OperatorSettings) -> list[Body]:
+    """LLMSWARM_TOKEN from the operator's token Secret, for every process that serves the swarm."""
+    if not settings.token_secret:
+        return []
+    name, _, key = settings.token_secret.partition(":")
+    return [{"name": "LLMSWARM_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": key or "token"}}}]
+
+
 def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSettings) -> Body:
     name = routemap_name(owner.name)
     port = spec.route_map.port
@@ -268,6 +277,7 @@ def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSetting
                         "imagePullPolicy": settings.image_pull_policy,
                         "command": ["python", "-m", "llmswarm_operator.routemap_file"],
                         "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--host", "0.0.0.0", "--port", str(port)],
+                        "env": token_env(settings),
                         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
                         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
                         "readinessProbe": _http_probe("/healthz", 5, 3),

@@ -57,6 +57,9 @@ class OperatorSettings:
     #: ``{host}`` (the server's Service host), ``{server}``, ``{namespace}`` and ``{port}``. From outside the
     #: cluster, e.g. the API server's proxy: ``http://127.0.0.1:8001/api/v1/namespaces/{namespace}/services/{server}:{port}/proxy/metrics``.
     rebalance_scrape_url: str = "http://{host}:{port}/metrics"
+    #: The Secret with the swarm token, as ``name`` or ``name:key`` (key ``token`` by default), in each Swarm's
+    #: namespace. Block servers and the route map get it as ``LLMSWARM_TOKEN``; empty: no token.
+    token_secret: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:

@@ -240,3 +240,28 @@ def test_manifest_digest_and_three_way_patch() -> None:
     assert APPLIED_ANNOTATION in annotated["metadata"]["annotations"]
     assert removals(old, new) == {"metadata": {"labels": {"b": None}}}
     assert merge(new, removals(old, new))["metadata"]["labels"] == {"a": "1", "b": None}
+
+
+def test_token_secret_reaches_servers_and_route_map() -> None:
+    from llmswarm_operator.manifests import token_env
+    from llmswarm_operator.settings import OperatorSettings
+
+    assert token_env(OperatorSettings()) == []
+    env = token_env(OperatorSettings(token_secret="swarm-token:key1"))
+    assert env == [{"name": "LLMSWARM_TOKEN", "valueFrom": {"secretKeyRef": {"name": "swarm-token", "key": "key1"}}}]
+    assert token_env(OperatorSettings(token_secret="swarm-token"))[0]["valueFrom"]["secretKeyRef"]["key"] == "token"
+    assert OperatorSettings.from_env({"LLMSWARM_OPERATOR_TOKEN_SECRET": "s"}).token_secret == "s"
+
+
+def test_token_secret_in_rendered_deployments() -> None:
+    import dataclasses
+
+    settings = dataclasses.replace(SETTINGS, token_secret="swarm-token")
+    spec = parse_spec(example("swarm-cpu.yaml")["spec"])
+    _, cost, placement = plan_placement(spec)
+    server = m.desired_servers(OWNER.name, placement)[0]
+    wanted = {"name": "LLMSWARM_TOKEN", "valueFrom": {"secretKeyRef": {"name": "swarm-token", "key": "token"}}}
+    for deployment in (m.server_deployment(OWNER, spec, cost, server, settings), m.routemap_deployment(OWNER, spec, settings)):
+        assert wanted in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert all(e["name"] != "LLMSWARM_TOKEN" for e in m.routemap_deployment(OWNER, spec, SETTINGS)["spec"]["template"]["spec"]
+               ["containers"][0]["env"])
