@@ -95,7 +95,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         model=args.model, servers=args.servers, redundancy=args.redundancy,
         blocks_per_server=args.blocks_per_server, host=args.host, port=args.port, dtype=args.dtype,
         threads=args.threads, token=token_from_env(args.token), tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_ca=args.tls_ca,
+        tls_ca=args.tls_ca, server_args=["--quantization", args.quantization],
     )
     if args.blocks_per_server is not None and args.servers_given is False:
         options.servers = None
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8700, help="route-map port")
     up.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    up.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
+                    help="quantize the servers' blocks with bitsandbytes")
     up.add_argument("--threads", type=int, default=0, help="torch threads per server")
     up.add_argument("--chat", action="store_true", help="open an interactive chat, stop the swarm after it")
     up.add_argument("--prompt", help="answer one prompt, then stop the swarm")
