@@ -671,3 +671,14 @@ def test_files_in_the_chart_are_valid() -> None:
     for path in [*CHART_DIR.glob("*.yaml"), *CHART_DIR.glob("ci/*.yaml"), *CHART_DIR.glob("crds/*.yaml")]:
         list(yaml.safe_load_all(path.read_text()))
     assert Path(CHART_DIR / ".helmignore").read_text()
+
+
+def test_operator_hands_the_token_secret_to_the_swarm() -> None:
+    def operator_env(values: dict[str, Any]) -> dict[str, Any]:
+        return env_of(render(values).get("Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0])
+
+    assert operator_env({})["LLMSWARM_OPERATOR_TOKEN_SECRET"] == ""
+    assert operator_env({"token": {"create": True}})["LLMSWARM_OPERATOR_TOKEN_SECRET"] == f"{RELEASE}-token:token"
+    assert operator_env({"token": {"existingSecret": "mine", "secretKey": "t"}})["LLMSWARM_OPERATOR_TOKEN_SECRET"] == "mine:t"
+    given = {"operator": {"settings": {"tokenSecret": "other:k"}}, "token": {"existingSecret": "mine"}}
+    assert operator_env(given)["LLMSWARM_OPERATOR_TOKEN_SECRET"] == "other:k"
