@@ -5,8 +5,10 @@ Each round, on one thread that owns the span:
 1. Decode: the oldest pending small step (at most ``prefill_chunk`` new tokens) and every
    pending step with the same blocks and token count go through the span in one pass
    (batching.py), up to ``max_batch_rows`` rows and ``max_batch_tokens`` tokens. A step
-   waits at most ``batch_wait`` seconds for companions, and only while other sessions
-   that could send one are open: a lone client never waits.
+   waits at most ``batch_wait`` seconds for companions, and only for sessions that are in
+   the middle of a generation and due (their steps keep coming at a measured pace): a lone
+   client, or one beside idle sessions, never waits. Sessions that generate together thus
+   fall into step and share every pass, instead of splitting into small staggered groups.
 2. Prefill: one chunk of ``prefill_chunk`` tokens of the oldest long step, so a long prompt
    advances every round without stalling the decode steps of others.
 3. Bulk: only when no inference work is pending, stateless forwards of the same shape and
@@ -36,7 +38,7 @@ DECODE_TOKENS = 4  # a pass this small is bound by reading weights: more threads
 class BatchOptions:
     max_batch_rows: int = 32  # rows (sessions x their batch) in one decode pass
     max_batch_tokens: int = 4096  # tokens in one pass
-    batch_wait: float = 0.002  # seconds a step may wait for companions
+    batch_wait: float = 0.008  # seconds a step may wait for companions that are due
     prefill_chunk: int = 256  # tokens of a long step per round
     threads: int = 0  # torch threads for prefill and bulk work (0: torch's default)
     decode_threads: int = 1  # torch threads for passes of at most DECODE_TOKENS tokens (0: same as threads)
@@ -98,11 +100,11 @@ class _Forward(_Work):
 
 class Scheduler:
     def __init__(self, span: SpanModel, options: BatchOptions, metrics: ServerMetrics,
-                 open_sessions: Callable[[], int]) -> None:
+                 cycling_sessions: Callable[[float, float], int]) -> None:
         self.span = span
         self.options = options
         self.metrics = metrics
-        self.open_sessions = open_sessions
+        self.cycling_sessions = cycling_sessions  # (now, horizon) -> sessions generating and due
         self._cond = threading.Condition()
         self._steps: list[_Step] = []
         self._forwards: list[_Forward] = []
@@ -174,7 +176,8 @@ class Scheduler:
         deadline = small[0].enqueued + self.options.batch_wait
         while not self._stopping:
             small = self._small()
-            if len(small) >= self.open_sessions() or sum(s.hidden.shape[0] for s in small) >= self.options.max_batch_rows:
+            due = self.cycling_sessions(time.monotonic(), max(0.0, deadline - time.monotonic()))
+            if len(small) >= due or sum(s.hidden.shape[0] for s in small) >= self.options.max_batch_rows:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -82,7 +82,7 @@ class BlockServer:
         self.state: ServerState = "joining"
         self.metrics = ServerMetrics()
         self.sessions = SessionTable(self.limits, kv_bytes_per_token_block(span))
-        self.scheduler = Scheduler(span, options.batching, self.metrics, lambda: len(self.sessions))
+        self.scheduler = Scheduler(span, options.batching, self.metrics, self.sessions.cycling)
         self.throughput = 0.0
         self.wire_limits = wire.WireLimits(max_tensor_bytes=self.limits.max_message_bytes)
         self._owners = itertools.count(1)
@@ -361,6 +361,7 @@ class BlockServer:
 
     async def _step(self, owner: int, req: wire.StepRequest, tensors: dict[str, torch.Tensor]) -> bytes:
         session = self.sessions.get(owner, req.session)
+        session.note_step(time.monotonic())
         hidden, mask, positions = self._inputs(
             tensors, session.batch_size, session.position, session.max_length - session.position
         )

@@ -45,6 +45,20 @@ class Session:
     adapter: str | None = None
     position: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    last_step: float | None = None  # when its latest step arrived
+    step_interval: float | None = None  # moving average of the time between its steps
+
+    def note_step(self, now: float) -> None:
+        if self.last_step is not None:
+            gap = now - self.last_step
+            self.step_interval = gap if self.step_interval is None else 0.7 * self.step_interval + 0.3 * gap
+        self.last_step = now
+
+    def cycling(self, now: float, horizon: float) -> bool:
+        """Is this session generating, its next step due within `horizon` seconds (or already here)?"""
+        if self.last_step is None or self.step_interval is None:
+            return False
+        return now - self.last_step <= 1.5 * self.step_interval + horizon
 
 
 class SessionTable:
@@ -107,6 +121,10 @@ class SessionTable:
         for sid in doomed:
             del self._sessions[sid]
         return len(doomed)
+
+    def cycling(self, now: float, horizon: float) -> int:
+        """How many sessions are in the middle of a generation, with a step here or due within `horizon`."""
+        return sum(1 for s in list(self._sessions.values()) if s.cycling(now, horizon))  # read from the compute thread
 
     def expire(self, now: float | None = None) -> list[int]:
         now = time.monotonic() if now is None else now
