@@ -16,6 +16,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -126,10 +127,12 @@ def test_every_dashboard_query_uses_only_metrics_the_code_exports() -> None:
         unknown = sorted(n for n in names if n not in exported)
         assert unknown == [], f"{expr!r} uses metrics no code exports: {unknown}"
         used |= names
-    assert not any(n.startswith("llmswarm_gateway_") for n in used)
     # The issue's panels: coverage per block, servers by state, tokens/s, latency percentiles, KV cache against its
-    # limit, queue depth, active sessions, rebalance events.
-    for name in ("llmswarm_block_replicas", "llmswarm_routemap_servers", "llmswarm_tokens_processed_total",
+    # limit, queue depth, active sessions, rebalance events; and the gateway's requests, tokens, time to first
+    # token and inter-token latency.
+    for name in ("llmswarm_gateway_requests_total", "llmswarm_gateway_tokens_total",
+                 "llmswarm_gateway_time_to_first_token_seconds_bucket", "llmswarm_gateway_inter_token_latency_seconds_bucket",
+                 "llmswarm_block_replicas", "llmswarm_routemap_servers", "llmswarm_tokens_processed_total",
                  "llmswarm_request_duration_seconds_bucket", "llmswarm_kv_cache_bytes_used", "llmswarm_kv_cache_bytes_limit",
                  "llmswarm_queue_depth", "llmswarm_active_sessions", "llmswarm_rebalance_rounds_total", "llmswarm_rebalance_moves_total"):
         assert name in used, name
@@ -193,7 +196,8 @@ def meta_label(pod_label: str) -> str:
     return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", pod_label)
 
 
-def prometheus_config(rendered: Any, pods: list[tuple[str, dict[str, str]]], operator_target: str) -> dict[str, Any]:
+def prometheus_config(rendered: Any, pods: list[tuple[str, dict[str, str]]], operator_target: str,
+                      gateway_target: str) -> dict[str, Any]:
     """What the Prometheus Operator makes of the chart's PodMonitor and ServiceMonitor, with these targets in place of
     Kubernetes service discovery (its __meta_* labels given as the targets' labels) and 1 s scrapes."""
     # The Prometheus Operator adds the target's namespace as `namespace` to every target.
@@ -218,7 +222,50 @@ def prometheus_config(rendered: Any, pods: list[tuple[str, dict[str, str]]], ope
         "static_configs": [{"targets": [operator_target], "labels": {"__meta_kubernetes_namespace": OPERATOR_NAMESPACE}}],
         "relabel_configs": [namespace_label],
     }
-    return {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [swarms_job, operator_job]}
+    gateway_job = {  # the gateway's ServiceMonitor scrapes its Service's /metrics the same way
+        "job_name": f"serviceMonitor/{OPERATOR_NAMESPACE}/{RELEASE}-gateway/0", "scrape_interval": "1s", "scrape_timeout": "1s",
+        "metrics_path": "/metrics",
+        "static_configs": [{"targets": [gateway_target], "labels": {"__meta_kubernetes_namespace": OPERATOR_NAMESPACE}}],
+        "relabel_configs": [namespace_label],
+    }
+    return {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [swarms_job, operator_job, gateway_job]}
+
+
+def start_gateway(swarm_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """A real `llmswarm gateway` in front of the local swarm, ready to answer."""
+    import requests
+
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "llmswarm.gateway", "--swarm", swarm_url, "--host", "127.0.0.1",
+                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except requests.RequestException:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, f"the gateway did not get ready: {log.read_text()[-2000:]}"
+        time.sleep(0.3)
+
+
+def ask_gateway(port: int) -> str:
+    """One streamed chat completion through the gateway (tokens, time to first token, inter-token latency)."""
+    import requests
+
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12, "temperature": 0, "stream": True}
+    models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+    body["model"] = models["data"][0]["id"]
+    with requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, stream=True, timeout=120) as response:
+        response.raise_for_status()
+        text = ""
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice.get("delta", {}).get("content") or ""
+    return text
 
 
 class Prometheus:
@@ -288,7 +335,9 @@ async def test_every_panel_returns_data_from_a_real_prometheus(local_swarm: Any,
         await install_crds(emulator, kubectl, crd_documents())
         controllers.all_ready = True
         deployment = rendered.get("Deployment", f"{RELEASE}-operator")
-        config = prometheus_config(rendered, pods, f"127.0.0.1:{metrics_port}")
+        gateway_port = free_port()
+        gateway = start_gateway(local_swarm.url, gateway_port, OUTPUT / "gateway-dashboard.log")
+        config = prometheus_config(rendered, pods, f"127.0.0.1:{metrics_port}", f"127.0.0.1:{gateway_port}")
         (OUTPUT / "dashboard-prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         prometheus = Prometheus(tmp_path, config)
         try:
@@ -304,13 +353,14 @@ async def test_every_panel_returns_data_from_a_real_prometheus(local_swarm: Any,
 
                 async def up() -> bool:
                     active = (await prometheus.api(http, "targets"))["activeTargets"]
-                    assert len(active) == len(pods) + 1 and all(t["health"] == "up" for t in active), \
+                    assert len(active) == len(pods) + 2 and all(t["health"] == "up" for t in active), \
                         [(t["scrapeUrl"], t["health"], t.get("lastError")) for t in active]
                     return True
                 await eventually(up, 30, "Prometheus to scrape every target")
                 start = time.time()
                 answer = await asyncio.to_thread(generate, local_swarm.url)
                 assert "Paris" in answer
+                assert "Paris" in await asyncio.to_thread(ask_gateway, gateway_port)
 
                 async def rebalanced() -> bool:
                     rounds = await prometheus.api(http, "query", query="llmswarm_rebalance_rounds_total")
@@ -322,6 +372,8 @@ async def test_every_panel_returns_data_from_a_real_prometheus(local_swarm: Any,
                 status = (await kubectl.get_json("swarm", SWARM))["status"]
         finally:
             prometheus.stop()
+            gateway.terminate()
+            gateway.wait(30)
         audit(rendered, emulator, deployment, OUTPUT, "dashboard")  # the rebalancer's requests too
     (OUTPUT / "dashboard-queries.json").write_text(json.dumps(report, indent=1))
     empty = [name for name, result in report["targets"].items() if not result["finite"]]
