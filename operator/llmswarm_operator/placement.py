@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 GIB = 1024**3
@@ -204,6 +204,15 @@ def kv_cache_bytes_per_token(num_key_value_heads: int, head_dim: int, dtype: str
 
 
 # ---- placement -----------------------------------------------------------------------------------------------------
+
+
+def coverage(num_blocks: int, spans: Iterable[Span]) -> list[int]:
+    """How many of `spans` hold each block."""
+    counts = [0] * num_blocks
+    for span in spans:
+        for block in range(span.start, min(span.end, num_blocks)):
+            counts[block] += 1
+    return counts
 
 
 def best_window(coverage: list[int], size: int) -> int:

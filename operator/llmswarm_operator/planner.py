@@ -23,7 +23,7 @@ from typing import Any
 
 from llmswarm.routemap import ModelInfo, RouteMap, ServerRecord, ServerState
 from llmswarm_operator.manifests import DesiredServer
-from llmswarm_operator.placement import Span
+from llmswarm_operator.placement import Span, coverage
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,6 @@ class ServerPlan:
     def converged(self) -> bool:
         """Every desired server is ready and no old server is left (once `delete` is done)."""
         return all(e.desired and e.ready for e in self.entries)
-
-
-def coverage(num_blocks: int, spans: Iterable[Span]) -> list[int]:
-    counts = [0] * num_blocks
-    for span in spans:
-        for block in range(span.start, min(span.end, num_blocks)):
-            counts[block] += 1
-    return counts
 
 
 def plan_servers(

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmswarm_operator.placement import Span
+from llmswarm_operator.placement import Span, coverage
 
 #: Relative tolerance (of the mean block capacity) under which two levels are the same.
 _TOL = 1e-9
@@ -109,14 +109,6 @@ class Plan:
 
 
 # ---- measures ------------------------------------------------------------------------------------------------------
-
-
-def coverage(num_blocks: int, spans: Iterable[Span]) -> list[int]:
-    counts = [0] * num_blocks
-    for span in spans:
-        for block in range(span.start, min(span.end, num_blocks)):
-            counts[block] += 1
-    return counts
 
 
 def block_demand(num_blocks: int, servers: Iterable[Server]) -> list[float]:
