@@ -87,6 +87,7 @@ class _Strict(BaseModel):
 
 
 NonNegInt = Annotated[int, Field(ge=0, le=2**31)]
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 class TensorSpec(_Strict):
@@ -102,7 +103,7 @@ class OpenRequest(_Strict):
     max_length: Annotated[int, Field(ge=1, le=2**31)]
     batch_size: Annotated[int, Field(ge=1, le=2**31)] = 1
     wire_dtype: WireDtype = "float32"
-    adapter: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    adapter: AdapterName | None = None
     request_id: NonNegInt | None = None
 
 
@@ -118,25 +119,20 @@ class CloseRequest(_Strict):
     request_id: NonNegInt | None = None
 
 
-AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+class _Stateless(_Strict):
+    start: NonNegInt
+    end: NonNegInt
+    wire_dtype: WireDtype = "float32"
+    adapter: AdapterName | None = None
+    request_id: NonNegInt | None = None
 
 
-class ForwardRequest(_Strict):
+class ForwardRequest(_Stateless):
     kind: Literal["forward"]
-    start: NonNegInt
-    end: NonNegInt
-    wire_dtype: WireDtype = "float32"
-    adapter: AdapterName | None = None
-    request_id: NonNegInt | None = None
 
 
-class BackwardRequest(_Strict):
+class BackwardRequest(_Stateless):
     kind: Literal["backward"]
-    start: NonNegInt
-    end: NonNegInt
-    wire_dtype: WireDtype = "float32"
-    adapter: AdapterName | None = None
-    request_id: NonNegInt | None = None
 
 
 SessionRequest = OpenRequest | StepRequest | CloseRequest

@@ -22,20 +22,18 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
 import kmock
 import yaml
 
 from tests.chart.rendering import NAMESPACE, ROOT, Rendered, crd_documents
 from tests.operator.cluster import BUILTINS, VERBS, ClusterEmulator, FakeControllers, Kubectl, declare_crd, write_kubeconfig
+from tests.operator.conftest import eventually, free_port  # noqa: F401 - also used by the chart tests through here
 
-T = TypeVar("T")
 
 # What the chart creates beyond the operator tests' kinds, and the kinds of Kopf's peering CRD and of the
 # Prometheus Operator (installed on a cluster that uses those toggles).
@@ -63,28 +61,6 @@ CHART_RESOURCES = {
 }
 
 PLURALS = {info.kind: key.rsplit("/", 1)[1] for key, info in {**BUILTINS, **CHART_RESOURCES}.items()} | {"Swarm": "swarms"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
-    """Retry an async check until it returns something truthy, or fail with its last error."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: BaseException | None = None
-    while True:
-        try:
-            result = await check()
-            if result:
-                return result
-        except (AssertionError, aiohttp.ClientError, OSError) as error:
-            last = error
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {last}") from last
-        await asyncio.sleep(0.1)
 
 
 class ChartEmulator(ClusterEmulator):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import kopf
 import pytest
 
@@ -148,7 +149,7 @@ async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 15.0, w
             result = await check()
             if result:
                 return result
-        except AssertionError as error:
+        except (AssertionError, aiohttp.ClientError, OSError) as error:  # not there yet, or not answering yet
             last = error
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or check}: {last}") from last
