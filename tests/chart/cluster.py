@@ -34,7 +34,6 @@ from tests.chart.rendering import NAMESPACE, ROOT, Rendered, crd_documents
 from tests.operator.cluster import BUILTINS, VERBS, ClusterEmulator, FakeControllers, Kubectl, declare_crd, write_kubeconfig
 from tests.operator.conftest import eventually, free_port  # noqa: F401 - also used by the chart tests through here
 
-
 # What the chart creates beyond the operator tests' kinds, and the kinds of Kopf's peering CRD and of the
 # Prometheus Operator (installed on a cluster that uses those toggles).
 CHART_RESOURCES = {
