@@ -69,6 +69,45 @@ def test_sessions_with_padding_masks_batch_correctly(span):
     torch.testing.assert_close(batched[1], solo_other, rtol=1e-4, atol=2e-3)
 
 
+def scheduler_session(span, session_id: int, prompt: torch.Tensor):
+    from llmswarm_node.sessions import Session
+
+    session = Session(session_id, owner=1, start=0, end=10, max_length=64, batch_size=1, wire_dtype="float32",
+                      cache=prefilled(span, prompt), reserved_bytes=0)
+    session.position = prompt.shape[1]
+    return session
+
+
+def test_a_lone_step_runs_inline_and_a_step_with_company_waits_for_the_compute_thread(span):
+    """A lone decode step skips the hand-offs to the compute thread and back; one with another session due does not."""
+    import asyncio
+
+    from llmswarm_node.metrics import ServerMetrics
+    from llmswarm_node.scheduler import BatchOptions, Scheduler
+
+    torch.manual_seed(2)
+    prompt, step = torch.randn(1, 7, HIDDEN), torch.randn(1, 1, HIDDEN)
+    expected = span.forward(step, None, torch.tensor([[7]]), prefilled(span, prompt))
+    due = {"sessions": 1}
+    scheduler = Scheduler(span, BatchOptions(batch_wait=0.005), ServerMetrics(), lambda now, horizon: due["sessions"])
+
+    async def one_step(session) -> tuple[bool, torch.Tensor]:
+        future = scheduler.step(session, step, None, None)
+        done_at_once = future.done()
+        return done_at_once, await future
+
+    try:
+        inline, output = asyncio.run(one_step(scheduler_session(span, 1, prompt)))
+        assert inline, "a lone step should have run inline"
+        torch.testing.assert_close(output, expected, rtol=1e-4, atol=2e-3)
+        due["sessions"] = 2  # another session is mid-generation: this step waits for it on the compute thread
+        inline, output = asyncio.run(one_step(scheduler_session(span, 2, prompt)))
+        assert not inline
+        torch.testing.assert_close(output, expected, rtol=1e-4, atol=2e-3)
+    finally:
+        scheduler.shutdown()
+
+
 def batch_stats(swarm) -> tuple[float, float]:
     """(rows, passes) of batched inference passes, summed over the swarm's servers."""
     rows = passes = 0.0

@@ -51,6 +51,22 @@ def test_known_answer(model3):
     assert "The capital of France is Paris." in model3.tokenizer.decode(out[0, ids.shape[1]:])
 
 
+def test_generate_runs_on_decode_threads_and_restores_the_callers_setting(model3):
+    """generate() does its per-token local work on ClientConfig.decode_threads, then gives the thread count back."""
+    seen: list[int] = []
+    head = model3.lm_head.forward
+    model3.lm_head.forward = lambda hidden: (seen.append(torch.get_num_threads()), head(hidden))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        swarm_greedy(model3, chat_ids(model3.tokenizer, "Hi"), max_new_tokens=3)
+        assert torch.get_num_threads() == 2
+    finally:
+        del model3.lm_head.forward
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {model3.client.config.decode_threads}
+
+
 def test_batched_generation_with_left_padding_equals_local(model3, local_smollm2):
     tokenizer = model3.tokenizer
     tokenizer.padding_side = "left"

@@ -286,6 +286,11 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
             raise NotImplementedError("beam search is not supported through the swarm")
         if kwargs.get("cache") is not None or kwargs.get("use_cache") is False:
             return super().generate(inputs, generation_config, **kwargs)
+        with torch_threads(self.client.config.decode_threads):
+            return self._generate(inputs, generation_config, session, **kwargs)
+
+    def _generate(self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None,
+                  session: InferenceSession | None, **kwargs: Any) -> Any:
         session = session or self.active_session
         if session is not None:
             return super().generate(inputs, generation_config, cache=RemoteCache(session, self.pre_seq_len), **kwargs)
@@ -308,6 +313,20 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
         finally:
             with self._generating_lock:
                 self._generating -= 1
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with `threads` torch threads in this thread (OpenMP thread counts are per thread)."""
+    before = torch.get_num_threads()
+    if not threads or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class DistributedModelForSequenceClassification(_DistributedModel):

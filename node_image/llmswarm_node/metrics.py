@@ -44,6 +44,10 @@ class ServerMetrics:
             "llmswarm_queue_wait_seconds", "Time from a request queued to its pass starting, by kind",
             ["kind"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0), registry=r,
         )
+        self.pass_seconds = Histogram(
+            "llmswarm_pass_seconds", "Compute time of one pass through the span, by kind",
+            ["kind"], buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.span_start = Gauge("llmswarm_span_start", "First block served (inclusive)", registry=r)
         self.span_end = Gauge("llmswarm_span_end", "End of the span served (exclusive)", registry=r)
         self.info = Gauge(

@@ -13,6 +13,10 @@ Each round, on one thread that owns the span:
    advances every round without stalling the decode steps of others.
 3. Bulk: only when no inference work is pending, stateless forwards of the same shape and
    blocks are stacked along the batch and run together.
+
+A lone decode step (nothing pending, nothing running, no other session due) runs at once
+on the event loop's thread instead: no companion could join it, and the two thread
+hand-offs it saves (to the compute thread and back) are a measurable part of a hop.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ class _Work:
     enqueued: float = field(default_factory=time.monotonic)
 
     def resolve(self, result: Any) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, result)
+        if _running_loop() is self.loop:
+            _settle(self.future, result)
+        else:
+            self.loop.call_soon_threadsafe(_settle, self.future, result)
 
 
 @dataclass
@@ -109,8 +116,9 @@ class Scheduler:
         self._steps: list[_Step] = []
         self._forwards: list[_Forward] = []
         self._stopping = False
+        self._busy = False  # a pass is running (on the compute thread or inline on the loop's thread)
         self._bulk_threads = options.threads or torch.get_num_threads()
-        self._threads_now = -1  # set on the compute thread itself: OpenMP thread counts are per thread
+        self._threads_now = threading.local()  # OpenMP thread counts are per thread
         self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
         self._thread.start()
 
@@ -124,9 +132,28 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         work = _Step(loop, loop.create_future(), hidden, attention_mask, position_ids, session=session)
         with self._cond:
-            self._steps.append(work)
-            self._cond.notify()
+            inline = self._alone(work)
+            if inline:
+                self._busy = True
+            else:
+                self._steps.append(work)
+                self._cond.notify()
+        if inline:
+            try:
+                self._run_decode([work])
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify()
         return work.future
+
+    def _alone(self, work: _Step) -> bool:
+        """May this step run inline: a tiny pass that no other work could join or has to wait for?"""
+        if self._busy or self._steps or self._forwards or self._stopping:
+            return False
+        if work.hidden.shape[0] * work.hidden.shape[1] > DECODE_TOKENS:
+            return False
+        return self.cycling_sessions(time.monotonic(), self.options.batch_wait) <= 1
 
     def forward(self, start: int, end: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None, adapter: str | None = None,
@@ -150,7 +177,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._steps or self._forwards or self._stopping):
+                while not (((self._steps or self._forwards) and not self._busy) or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     self._fail_all(RuntimeError("the server is shutting down"))
@@ -159,12 +186,17 @@ class Scheduler:
                 group = self._take_decode_group()
                 long_step = next((s for s in self._steps if s.hidden.shape[1] > self.options.prefill_chunk), None)
                 forwards = self._take_forward_group() if not group and long_step is None else []
-            if group:
-                self._run_decode(group)
-            if long_step is not None:
-                self._run_chunk(long_step)
-            if forwards:
-                self._run_forwards(forwards)
+                self._busy = True
+            try:
+                if group:
+                    self._run_decode(group)
+                if long_step is not None:
+                    self._run_chunk(long_step)
+                if forwards:
+                    self._run_forwards(forwards)
+            finally:
+                with self._cond:
+                    self._busy = False
 
     def _small(self) -> list[_Step]:
         return [s for s in self._steps if s.hidden.shape[1] <= self.options.prefill_chunk]
@@ -222,9 +254,9 @@ class Scheduler:
     def _use_threads(self, tokens: int) -> None:
         decode = self.options.decode_threads
         wanted = decode if decode and tokens <= DECODE_TOKENS else self._bulk_threads
-        if wanted != self._threads_now:
+        if wanted != getattr(self._threads_now, "value", -1):
             torch.set_num_threads(wanted)
-            self._threads_now = wanted
+            self._threads_now.value = wanted
 
     def _observe(self, kind: str, works: list[Any], rows: int, tokens: int) -> None:
         now = time.monotonic()
@@ -240,12 +272,14 @@ class Scheduler:
         self._observe("inference", group, rows, tokens)
         self._use_threads(tokens)
         start, end, _, adapter = group[0].key
+        began = time.perf_counter()
         try:
             outputs = run_steps(self.span, start, end, inputs, adapter)
         except BaseException as error:  # noqa: BLE001 - handed to every waiting handler
             for step in group:
                 step.resolve(error)
             return
+        self.metrics.pass_seconds.labels("inference").observe(time.perf_counter() - began)
         for step, output in zip(group, outputs, strict=True):
             step.resolve(output)
 
@@ -257,6 +291,7 @@ class Scheduler:
         self.metrics.pass_tokens.labels("inference").observe(piece.rows * piece.new_tokens)
         self._use_threads(piece.rows * piece.new_tokens)
         start, end, _, adapter = step.key
+        began = time.perf_counter()
         try:
             step.pieces.append(run_steps(self.span, start, end, [piece], adapter)[0])
         except BaseException as error:  # noqa: BLE001 - handed to the waiting handler
@@ -264,6 +299,7 @@ class Scheduler:
                 self._steps.remove(step)
             step.resolve(error)
             return
+        self.metrics.pass_seconds.labels("inference").observe(time.perf_counter() - began)
         step.done += piece.new_tokens
         if step.done >= step.hidden.shape[1]:
             with self._cond:
@@ -274,8 +310,10 @@ class Scheduler:
         rows = sum(w.hidden.shape[0] for w in group)
         tokens = sum(w.hidden.shape[0] * w.hidden.shape[1] for w in group)
         first = group[0]
-        self._observe("backward" if first.grad_output is not None else "forward", group, rows, tokens)
+        kind = "backward" if first.grad_output is not None else "forward"
+        self._observe(kind, group, rows, tokens)
         self._use_threads(tokens)
+        began = time.perf_counter()
         if first.grad_output is not None:
             try:
                 grads = self.span.backward(first.hidden, first.grad_output, first.attention_mask, first.position_ids,
@@ -283,6 +321,7 @@ class Scheduler:
             except BaseException as error:  # noqa: BLE001 - handed to the waiting handler
                 first.resolve(error)
                 return
+            self.metrics.pass_seconds.labels(kind).observe(time.perf_counter() - began)
             first.resolve(grads)  # type: ignore[arg-type]
             return
         try:
@@ -295,6 +334,7 @@ class Scheduler:
             for work in group:
                 work.resolve(error)
             return
+        self.metrics.pass_seconds.labels(kind).observe(time.perf_counter() - began)
         row = 0
         for work in group:
             work.resolve(output[row:row + work.hidden.shape[0]])
@@ -305,6 +345,13 @@ class Scheduler:
             work.resolve(error)
         self._steps.clear()
         self._forwards.clear()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _settle(future: asyncio.Future[Any], result: Any) -> None:
