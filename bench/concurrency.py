@@ -24,6 +24,8 @@ import time
 import requests
 import torch
 
+from llmswarm.threads import shared_cores_env
+
 TOPICS = ["painter", "river", "city", "poet", "planet", "bird", "ship", "tree", "song", "mountain", "scientist",
           "novel", "bridge", "island", "composer", "desert"]
 
@@ -121,7 +123,7 @@ def main() -> None:
         return json.loads(out.strip().splitlines()[-1])
 
     local = part("local", {})
-    swarm = part("swarm", {"OMP_WAIT_POLICY": "PASSIVE"})  # the client shares the cores with the servers
+    swarm = part("swarm", shared_cores_env(os.environ))  # the client shares the cores with the servers
     first = str(sessions[0])
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct",

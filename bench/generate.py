@@ -6,9 +6,8 @@ with N torch threads; each block server also gets N threads (one for decode step
 since a chain runs its servers one after another, at most N threads compute at any moment.
 
 Each side runs in its own process. Local transformers keeps OpenMP's default (spinning)
-wait policy, its best setting when alone; the swarm client, sharing the cores with the
-servers, runs with OMP_WAIT_POLICY=PASSIVE like the servers, so idle threads do not spin
-on cores another process needs (with spinning, the swarm loses 10-15%).
+wait policy, its best setting when alone; the swarm's processes share the cores and use
+the short spin of llmswarm.threads (what `llmswarm up` uses).
 
     python bench/generate.py [--threads N] [--new-tokens 64] [--repeats 3]
 """
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from llmswarm import DistributedModelForCausalLM
 from llmswarm.source import resolve
+from llmswarm.threads import shared_cores_env
 from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
 
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -102,7 +102,7 @@ def main() -> None:
         print(json.dumps(run_part(args)))
         return
     local_result = in_subprocess("local", args, {})
-    swarm_result = in_subprocess("swarm", args, {"OMP_WAIT_POLICY": "PASSIVE"})
+    swarm_result = in_subprocess("swarm", args, shared_cores_env(os.environ))
     hops = int(swarm_result["hops"])
     source = resolve("smollm2", progress=False)
 

@@ -169,3 +169,42 @@ def test_sixteen_clients_get_their_solo_outputs_and_the_servers_batch(swarm3, lo
 def test_thirty_two_concurrent_generations(swarm3, local_smollm2):
     rows, passes, _ = concurrent_generations(swarm3, local_smollm2, clients=32, new_tokens=12)
     assert rows / passes > 1.5
+
+
+@pytest.mark.integration
+def assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Within float32 noise of 30 blocks on random inputs (batched and solo passes add in different orders)."""
+    assert float((got - want).norm() / want.norm()) < 1e-3  # a wrong cache or position gives errors near 1
+
+
+def test_steps_driven_together_equal_steps_alone_and_a_failing_session_gets_its_own_error(swarm3):
+    """step_together: each session gets what it gets stepping alone; one whose server connection breaks
+    (and which has nowhere to fail over to) gets its error, the others their outputs."""
+    from llmswarm import ClientConfig
+    from llmswarm.remote import InferenceSession, SessionStep, SwarmClient, SwarmError, step_together
+
+    client = SwarmClient(swarm3.url, ClientConfig(max_retries=0, busy_timeout=1.0))
+    torch.manual_seed(3)
+    prompts = [torch.randn(1, n, HIDDEN) for n in (4, 9, 6)]
+    steps = [torch.randn(1, 1, HIDDEN) for _ in prompts]
+    alone, together = [], []
+    for store in (alone, together):
+        for prompt in prompts:
+            session = InferenceSession(client, 30, max_length=16)
+            session.step(prompt)
+            store.append(session)
+    expected = [s.step(h) for s, h in zip(alone, steps, strict=True)]
+    outputs = step_together([SessionStep(s, h) for s, h in zip(together, steps, strict=True)])
+    for got, want in zip(outputs, expected, strict=True):
+        assert_near(got, want)
+    assert all(s.position == p.shape[1] + 1 for s, p in zip(together, prompts, strict=True))
+
+    together[1]._spans[1].socket.close()  # its middle server's connection breaks; no other server has blocks 10-20
+    outputs = step_together([SessionStep(s, h) for s, h in zip(together, steps, strict=True)])
+    assert isinstance(outputs[1], SwarmError)
+    expected = [s.step(h) for s, h in zip(alone, steps, strict=True)]
+    assert_near(outputs[0], expected[0])
+    assert_near(outputs[2], expected[2])
+    for session in alone + together:
+        session.close()
+    client.close()

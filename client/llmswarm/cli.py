@@ -9,6 +9,8 @@ import sys
 import threading
 from typing import Any
 
+from llmswarm.threads import shared_cores_env
+
 DEFAULT_SWARM = "http://127.0.0.1:8700"
 
 
@@ -222,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["up"]:
-        # The client shares the cores with the local servers: idle OpenMP threads must sleep,
-        # not spin. Set before torch (and its OpenMP runtime) is loaded.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # The client shares the cores with the local servers (see threads.py). Set before torch
+        # (and its OpenMP runtime) is loaded.
+        os.environ.update(shared_cores_env(os.environ))
     args = build_parser().parse_args(argv)
     if args.command == "up":
         args.servers_given = args.servers is not None

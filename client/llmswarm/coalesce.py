@@ -1,46 +1,64 @@
-"""Run one function on the rows of many threads at once.
+"""Run one function on the work of many threads at once.
 
 A client process often serves many users (a gateway, a benchmark, a notebook with
-threads). Each generated token ends with the LM head, a matrix of vocabulary x hidden
-size that is read from memory in full for every call: for SmolLM2 that is 113 MB per
-token, 7 ms on one core. When several threads need it at the same moment, one of them
-(the leader) stacks their rows and runs it once for all; the others wait for their rows.
-A thread alone, or one that finds no company within ``max_wait``, runs it by itself.
+threads). Two parts of each generated token are much cheaper done for all of them at
+once than for each alone:
+
+- the LM head, a matrix of vocabulary x hidden size that is read from memory in full for
+  every call: for SmolLM2 that is 113 MB per token, 7 ms on one core;
+- the trip through the servers: when every session's step reaches a server together, the
+  server runs them in one pass (a pass for 16 sessions costs 3 times one for 1, not 16),
+  and one thread driving all the steps hop by hop spares each thread its own wake-ups.
+
+When several threads need the same function at the same moment, one of them (the leader)
+runs it once for all; the others wait for their results. The leader waits at most
+``max_wait`` for the threads that may still come (those not already in a running call);
+a thread alone never waits. Calls may run at once: while a leader runs its group, the next
+arrivals form the next group under a leader of their own, so groups of steps follow each
+other through the servers like a pipeline.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 @dataclass
-class _Item:
-    rows: torch.Tensor
+class _Item(Generic[T, R]):
+    work: T
     done: threading.Event = field(default_factory=threading.Event)
-    result: torch.Tensor | None = None
+    result: R | None = None
     error: BaseException | None = None
 
 
-class Coalescer:
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_wait: float = 0.002) -> None:
-        self.fn = fn
+class Coalescer(Generic[T, R]):
+    """``run_many(works) -> results`` for works of the same ``key``, shared by the threads that call at once."""
+
+    def __init__(self, run_many: Callable[[list[T]], list[R]], key: Callable[[T], Hashable], max_wait: float = 0.002) -> None:
+        self.run_many = run_many
+        self.key = key
         self.max_wait = max_wait
         self._cond = threading.Condition()
-        self._pending: list[_Item] = []
+        self._pending: list[_Item[T, R]] = []
         self._leading = False
-        self.calls = 0  # passes run (for tests and diagnostics)
-        self.rows = 0
+        self._running = 0  # works taken by a leader and not finished: their threads cannot join
+        self.calls = 0  # run_many calls (for tests and diagnostics)
+        self.works = 0
 
-    def __call__(self, rows: torch.Tensor, companions: int) -> torch.Tensor:
-        """Run fn on `rows` ([batch, ...]); `companions` is how many threads might join (including this one)."""
+    def __call__(self, work: T, companions: int) -> R:
+        """The result for `work`; `companions` is how many threads might join (including this one)."""
         if companions <= 1:
-            return self._run([rows])[0]
-        item = _Item(rows)
+            return self._run([work])[0]
+        item: _Item[T, R] = _Item(work)
         with self._cond:
             self._pending.append(item)
             self._cond.notify_all()
@@ -53,39 +71,56 @@ class Coalescer:
             self._lead(companions)
         if item.error is not None:
             raise item.error
-        assert item.result is not None
-        return item.result
+        return item.result  # type: ignore[return-value]
 
     def _lead(self, companions: int) -> None:
         deadline = time.monotonic() + self.max_wait
-        while True:
-            with self._cond:
-                while len(self._pending) < companions and (remaining := deadline - time.monotonic()) > 0:
-                    self._cond.wait(remaining)
-                batch, self._pending = self._pending, []
-                if not batch:
-                    self._leading = False
-                    return
-            groups: dict[tuple[int, ...], list[_Item]] = {}
+        with self._cond:
+            while len(self._pending) + self._running < companions and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(remaining)
+            batch, self._pending = self._pending, []
+            self._running += len(batch)
+            self._leading = False  # the next arrival leads the next group
+        try:
+            groups: dict[Hashable, list[_Item[T, R]]] = {}
             for item in batch:
-                groups.setdefault(tuple(item.rows.shape[1:]), []).append(item)
+                groups.setdefault(self.key(item.work), []).append(item)
             for items in groups.values():
                 try:
-                    results = self._run([i.rows for i in items])
+                    results = self._run([i.work for i in items])
                 except BaseException as error:  # noqa: BLE001 - handed to each waiting thread
                     for i in items:
                         i.error = error
                         i.done.set()
                     continue
                 for i, result in zip(items, results, strict=True):
-                    i.result = result
+                    if isinstance(result, BaseException):
+                        i.error = result
+                    else:
+                        i.result = result
                     i.done.set()
-            deadline = time.monotonic()  # later arrivals: run at once, without waiting again
+        finally:
+            with self._cond:
+                self._running -= len(batch)
+                self._cond.notify_all()
 
-    def _run(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _run(self, works: list[T]) -> list[R]:
         self.calls += 1
-        self.rows += sum(p.shape[0] for p in parts)
+        self.works += len(works)
+        return self.run_many(works)
+
+
+def stacked(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """run_many for a row-wise function: one call on the rows of every part stacked, split back."""
+
+    def run_many(parts: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(parts) == 1:
-            return [self.fn(parts[0])]
-        output = self.fn(torch.cat(parts))
+            return [fn(parts[0])]
+        output = fn(torch.cat(parts))
         return list(torch.split(output, [p.shape[0] for p in parts]))
+
+    return run_many
+
+
+def trailing_shape(rows: torch.Tensor) -> Hashable:
+    return tuple(rows.shape[1:])

@@ -23,10 +23,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassi
 
 from llmswarm.arch import architecture_of
 from llmswarm.autograd import remote_blocks
-from llmswarm.coalesce import Coalescer
-from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SwarmClient, SwarmError
+from llmswarm.coalesce import Coalescer, stacked, trailing_shape
+from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SessionStep, SwarmClient, SwarmError, step_together
 from llmswarm.security import token_from_env
 from llmswarm.source import ModelDir, load_state, resolve
+from llmswarm.threads import torch_threads
 
 
 class RemoteCache(Cache):
@@ -75,6 +76,9 @@ def _client_part(source: ModelDir, dtype: torch.dtype) -> PreTrainedModel:
 
 
 TUNING_MODES = ("ptune", "deep_ptune")
+
+
+STEP_WAIT = 0.04  # seconds the first of several generating threads waits for the others' steps
 
 
 class _DistributedModel(PreTrainedModel):
@@ -195,13 +199,18 @@ class _DistributedModel(PreTrainedModel):
         if session is not None:
             if deep is not None:
                 raise NotImplementedError("inference sessions do not carry deep prompts yet; use tuning_mode='ptune'")
-            output = session.step(hidden, attention_mask, position_ids)
+            output = self._session_step(session, hidden, attention_mask, position_ids)
             return output[:, prefix:] if prefix and first_step else output
         if torch.is_grad_enabled() or deep is not None:
             output = remote_blocks(self.remote, hidden, attention_mask, position_ids, deep)
         else:
             output = self.remote.forward(hidden, attention_mask, position_ids)
         return output[:, prefix:] if prefix else output
+
+
+    def _session_step(self, session: InferenceSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None) -> torch.Tensor:
+        return session.step(hidden, attention_mask, position_ids)
 
 
 class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
@@ -213,9 +222,15 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
                  tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None) -> None:
         super().__init__(config, local, client, tokenizer, tuning_mode, pre_seq_len, adapter)
         self.lm_head: nn.Module = local.lm_head
-        self._head = Coalescer(lambda hidden: self.lm_head(self.final_norm(hidden)))
+        self._head = Coalescer(stacked(lambda hidden: self.lm_head(self.final_norm(hidden))), trailing_shape)
+        # Steps of this process's sessions go through the swarm together (see coalesce.py).
+        self._steps: Coalescer[SessionStep, torch.Tensor] = Coalescer(step_together, _same_group, max_wait=STEP_WAIT)
         self._generating = 0  # threads inside generate(): how many may share one LM-head pass
         self._generating_lock = threading.Lock()
+
+    def _session_step(self, session: InferenceSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None) -> torch.Tensor:
+        return self._steps(SessionStep(session, hidden, attention_mask, position_ids), companions=self._generating)
 
     # ---- sessions ----------------------------------------------------------------------------------------
     @contextmanager
@@ -315,18 +330,8 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
                 self._generating -= 1
 
 
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with `threads` torch threads in this thread (OpenMP thread counts are per thread)."""
-    before = torch.get_num_threads()
-    if not threads or threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _same_group(step: SessionStep) -> int:
+    return 0  # any steps may travel together: each server groups what it can run in one pass
 
 
 class DistributedModelForSequenceClassification(_DistributedModel):

@@ -51,7 +51,7 @@ class ClientConfig:
     # the calling thread; 0 keeps torch's setting. A token's local work is bound by memory reads and op
     # dispatch: with more threads each op only adds OpenMP wake-ups (measured: 2 threads with
     # OMP_WAIT_POLICY=PASSIVE cost 8 ms more per token than 1 on a 2-core machine).
-    decode_threads: int = 1
+    decode_threads: int = int(__import__("os").environ.get("LLMSWARM_DT", "1"))
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -202,8 +202,14 @@ class SpanSession:
         self.session = int(reply.header["session"])
 
     def _call(self, header: dict[str, object], tensors: dict[str, torch.Tensor] | None = None) -> wire.Frame:
+        return self._receive(self._send(header, tensors))
+
+    def _send(self, header: dict[str, object], tensors: dict[str, torch.Tensor] | None = None) -> int:
         request_id = next(self._ids)
         self.socket.send(wire.encode({**header, "request_id": request_id}, tensors))
+        return request_id
+
+    def _receive(self, request_id: int) -> wire.Frame:
         data = self.socket.recv(timeout=self.client.config.request_timeout)
         if not isinstance(data, bytes):
             raise ProtocolError("bad_request", "server sent a text frame")
@@ -214,13 +220,20 @@ class SpanSession:
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
              position_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.receive_step(self.send_step(hidden, attention_mask, position_ids), hidden)
+
+    def send_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> int:
+        """Send a step without waiting for its output (see receive_step); returns the request id."""
         tensors = {"hidden": hidden.to(DTYPES[self.client.config.wire_dtype])}
         if attention_mask is not None:
             tensors["attention_mask"] = attention_mask.to(torch.int64)
         if position_ids is not None:
             tensors["position_ids"] = position_ids.to(torch.int64)
-        frame = self._call({"kind": "step", "session": self.session}, tensors)
-        output = frame.tensors.get("hidden")
+        return self._send({"kind": "step", "session": self.session}, tensors)
+
+    def receive_step(self, request_id: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The output of the step sent as `request_id` with input `hidden`."""
+        output = self._receive(request_id).tensors.get("hidden")
         if output is None or list(output.shape) != list(hidden.shape):
             raise ProtocolError("internal", f"server {self.server_id} returned a malformed output")
         return output.to(hidden.dtype)
@@ -300,28 +313,40 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_step(hidden)
+        output = self._advance(0, hidden, attention_mask, position_ids)
+        self._finish_step(hidden, attention_mask)
+        return output
+
+    def _check_step(self, hidden: torch.Tensor) -> None:
         if self._closed:
             raise SwarmError("the inference session is closed")
-        new = hidden.shape[1]
-        if self.position + new > self.max_length:
-            raise SwarmError(f"{self.position + new} tokens exceed the session's max_length {self.max_length}")
-        index = 0
+        if self.position + hidden.shape[1] > self.max_length:
+            raise SwarmError(f"{self.position + hidden.shape[1]} tokens exceed the session's max_length {self.max_length}")
+
+    def _advance(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Run a step from hop `index` to the end of the chain, failing over where a server fails."""
         while index < len(self._spans):
-            span = self._spans[index]
             try:
-                output = span.step(hidden, attention_mask, position_ids)
+                output = self._spans[index].step(hidden, attention_mask, position_ids)
             except (*_TRANSPORT_ERRORS, ProtocolError) as error:
                 if isinstance(error, ProtocolError) and not error.retryable:
                     raise
                 self._replace(index, error)
                 continue
-            self._history[index].hidden.append(hidden)
-            self._history[index].positions.append(position_ids)
-            hidden = output
+            hidden = self._record(index, hidden, output, position_ids)
             index += 1
-        self._masks.append(attention_mask)
-        self.position += new
         return hidden
+
+    def _record(self, index: int, hidden: torch.Tensor, output: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        self._history[index].hidden.append(hidden)
+        self._history[index].positions.append(position_ids)
+        return output
+
+    def _finish_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        self._masks.append(attention_mask)
+        self.position += hidden.shape[1]
 
     def _replace(self, index: int, error: Exception) -> None:
         """Route blocks of the failed hop again and replay their inputs on the new servers."""
@@ -363,6 +388,70 @@ class InferenceSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class SessionStep:
+    """One session's step, for step_together()."""
+
+    session: InferenceSession
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.hidden.shape[1])
+
+
+def step_together(steps: list[SessionStep]) -> list[torch.Tensor | BaseException]:
+    """Steps of many sessions, driven hop by hop together from this thread.
+
+    At each hop every session's step is sent before any output is awaited, so steps that
+    go to the same server arrive together and share one pass there. A session whose server
+    fails leaves the group and finishes its step alone (failover and replay as in
+    InferenceSession.step). Returns each step's output, or the error it ended with.
+    """
+    results: list[torch.Tensor | BaseException | None] = [None] * len(steps)
+    hidden: list[torch.Tensor] = []
+    for i, step in enumerate(steps):
+        try:
+            step.session._check_step(step.hidden)
+        except SwarmError as error:
+            results[i] = error
+        hidden.append(step.hidden)
+    index = [0] * len(steps)
+    alone: list[int] = []
+    active = [i for i, r in enumerate(results) if r is None and index[i] < len(steps[i].session._spans)]
+    while active:
+        sent: list[tuple[int, int]] = []
+        for i in active:
+            try:
+                span = steps[i].session._spans[index[i]]
+                sent.append((i, span.send_step(hidden[i], steps[i].attention_mask, steps[i].position_ids)))
+            except (*_TRANSPORT_ERRORS, ProtocolError):
+                alone.append(i)
+        for i, request_id in sent:
+            step = steps[i]
+            try:
+                output = step.session._spans[index[i]].receive_step(request_id, hidden[i])
+            except (*_TRANSPORT_ERRORS, ProtocolError):
+                alone.append(i)
+                continue
+            hidden[i] = step.session._record(index[i], hidden[i], output, step.position_ids)
+            index[i] += 1
+        active = [i for i, _ in sent if i not in alone and index[i] < len(steps[i].session._spans)]
+    for i in alone:  # its own way from the failed hop on: the failover path retries and raises what it must
+        step = steps[i]
+        try:
+            hidden[i] = step.session._advance(index[i], hidden[i], step.attention_mask, step.position_ids)
+        except BaseException as error:  # noqa: BLE001 - handed to the step's own thread
+            results[i] = error
+    for i, step in enumerate(steps):
+        if results[i] is None:
+            step.session._finish_step(step.hidden, step.attention_mask)
+            results[i] = hidden[i]
+    return results  # type: ignore[return-value]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from llmswarm.routemap import ModelInfo, RouteMap
 from llmswarm.security import TOKEN_ENV, server_ssl_context
 from llmswarm.source import resolve
+from llmswarm.threads import shared_cores_env
 from llmswarm_operator.placement import Span, place_spans
 from llmswarm_operator.routemap_service import RouteMapService
 
@@ -152,8 +153,7 @@ class LocalSwarm:
             command += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key]
         if o.tls_ca:
             command += ["--tls-ca", o.tls_ca]
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, **shared_cores_env(os.environ), "TOKENIZERS_PARALLELISM": "false"}
         if o.token:
             env[TOKEN_ENV] = o.token  # not on the command line, where `ps` would show it
         with self._lock:
