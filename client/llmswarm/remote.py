@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import requests
 import torch
 from websockets.exceptions import InvalidStatus, WebSocketException
-from websockets.sync.client import ClientConnection, connect
 
 from llmswarm import wire
 from llmswarm.routemap import RouteMap
 from llmswarm.routing import Hop, NoRoute, choose_chain
 from llmswarm.security import client_ssl_context
+from llmswarm.transport import Connection
 from llmswarm.wire import DTYPES, ProtocolError
 
 log = logging.getLogger("llmswarm.client")
@@ -77,6 +77,7 @@ class SwarmClient:
         self._banned: dict[str, tuple[float, float]] = {}  # id -> (until, last failure ban length)
         self._busy: set[str] = set()  # ids avoided only because they said "busy, retry after"
         self._lock = threading.Lock()
+        self._hops: dict[str, tuple[int, float]] = {}  # server id -> (inference steps, seconds from send to output)
 
     def routes(self, refresh: bool = False) -> RouteMap:
         with self._lock:
@@ -109,6 +110,16 @@ class SwarmClient:
                 best = min(best, time.perf_counter() - began)
             self._rtt[server_id] = best if best != float("inf") else 1.0
         return self._rtt[server_id]
+
+    def note_hop(self, server_id: str, seconds: float) -> None:
+        with self._lock:
+            steps, total = self._hops.get(server_id, (0, 0.0))
+            self._hops[server_id] = (steps + 1, total + seconds)
+
+    def hop_latency(self) -> dict[str, tuple[int, float]]:
+        """Per server: (inference steps, mean seconds from sending a step to its output) seen by this client."""
+        with self._lock:
+            return {server_id: (steps, total / steps) for server_id, (steps, total) in self._hops.items()}
 
     def ban(self, server_id: str, seconds: float | None = None) -> None:
         """Avoid a server: for `seconds` (a busy server's Retry-After), else for ban_seconds, doubling each time
@@ -176,13 +187,14 @@ class SpanSession:
         self.server_id = hop.server.id
         self.start, self.end = hop.start, hop.end
         self._ids = iter(range(1, 2**31))
+        self.position = 0  # tokens this server's session holds
+        self._sent_at = 0.0
         ws_url = hop.server.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/session"
         config = client.config
         try:
-            self.socket: ClientConnection = connect(
+            self.socket = Connection(
                 ws_url, open_timeout=config.connect_timeout, max_size=config.max_message_bytes + 64 * 1024,
-                compression=None, additional_headers=config.auth_headers(),
-                ssl=client.ssl_context if ws_url.startswith("wss://") else None,
+                headers=config.auth_headers(), ssl_context=client.ssl_context if ws_url.startswith("wss://") else None,
             )
         except InvalidStatus as error:
             if error.response.status_code == 401:
@@ -223,12 +235,20 @@ class SpanSession:
         return self.receive_step(self.send_step(hidden, attention_mask, position_ids), hidden)
 
     def send_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> int:
-        """Send a step without waiting for its output (see receive_step); returns the request id."""
+        """Send a step without waiting for its output (see receive_step); returns the request id.
+
+        A mask of all ones and the default positions (past, past + 1, ...) are left out: the
+        server assumes exactly those, and each costs work on both sides of every hop."""
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if position_ids is not None and _default_positions(position_ids, self.position):
+            position_ids = None
         tensors = {"hidden": hidden.to(DTYPES[self.client.config.wire_dtype])}
         if attention_mask is not None:
             tensors["attention_mask"] = attention_mask.to(torch.int64)
         if position_ids is not None:
             tensors["position_ids"] = position_ids.to(torch.int64)
+        self._sent_at = time.perf_counter()
         return self._send({"kind": "step", "session": self.session}, tensors)
 
     def receive_step(self, request_id: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -236,6 +256,8 @@ class SpanSession:
         output = self._receive(request_id).tensors.get("hidden")
         if output is None or list(output.shape) != list(hidden.shape):
             raise ProtocolError("internal", f"server {self.server_id} returned a malformed output")
+        self.position += hidden.shape[1]
+        self.client.note_hop(self.server_id, time.perf_counter() - self._sent_at)
         return output.to(hidden.dtype)
 
     def close(self) -> None:
@@ -245,6 +267,11 @@ class SpanSession:
             pass
         finally:
             self.socket.close()
+
+
+def _default_positions(position_ids: torch.Tensor, past: int) -> bool:
+    new = position_ids.shape[-1]
+    return bool((position_ids == torch.arange(past, past + new)).all())
 
 
 class InferenceSession:

@@ -303,7 +303,9 @@ class BlockServer:
 
     # ---- inference sessions ------------------------------------------------------------------------------
     async def session_socket(self, request: web.Request) -> web.WebSocketResponse:
-        socket_ = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + 64 * 1024, heartbeat=30.0)
+        # No heartbeat: clients read only in request/reply turns (llmswarm/transport.py), so an idle one could
+        # not answer pings. A vanished client's sessions are freed by the idle timeout or when the socket closes.
+        socket_ = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + 64 * 1024)
         await socket_.prepare(request)
         owner = next(self._owners)
         try:
