@@ -258,18 +258,18 @@ class Scheduler:
             torch.set_num_threads(wanted)
             self._threads_now.value = wanted
 
-    def _observe(self, kind: str, works: list[Any], rows: int, tokens: int) -> None:
-        now = time.monotonic()
+    def _observe(self, kind: str, works: list[Any], rows: int, tokens: int, started: float | None = None) -> None:
+        now = started or time.monotonic()
         self.metrics.batch_size.labels(kind).observe(rows)
         self.metrics.pass_tokens.labels(kind).observe(tokens)
         for work in works:
             self.metrics.queue_wait.labels(kind).observe(now - work.enqueued)
 
     def _run_decode(self, group: list[_Step]) -> None:
+        started = time.monotonic()
         inputs = [step.chunk(self.options.prefill_chunk) for step in group]
         rows = sum(i.rows for i in inputs)
         tokens = sum(i.rows * i.new_tokens for i in inputs)
-        self._observe("inference", group, rows, tokens)
         self._use_threads(tokens)
         start, end, _, adapter = group[0].key
         began = time.perf_counter()
@@ -279,9 +279,19 @@ class Scheduler:
             for step in group:
                 step.resolve(error)
             return
-        self.metrics.pass_seconds.labels("inference").observe(time.perf_counter() - began)
+        elapsed = time.perf_counter() - began
         for step, output in zip(group, outputs, strict=True):
             step.resolve(output)
+        # Metrics after the outputs are handed over (inline: after the replies are sent), off the critical path.
+        loop = _running_loop()
+        if loop is None:
+            self._record_pass(group, rows, tokens, started, elapsed)
+        else:
+            loop.call_soon(self._record_pass, group, rows, tokens, started, elapsed)
+
+    def _record_pass(self, group: list[_Step], rows: int, tokens: int, started: float, elapsed: float) -> None:
+        self._observe("inference", group, rows, tokens, started)
+        self.metrics.pass_seconds.labels("inference").observe(elapsed)
 
     def _run_chunk(self, step: _Step) -> None:
         piece = step.chunk(self.options.prefill_chunk)

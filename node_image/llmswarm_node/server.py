@@ -338,17 +338,25 @@ class BlockServer:
             else:
                 self.sessions.close(owner, req.session)
                 reply = wire.encode({"kind": "closed", "session": req.session, "request_id": req.request_id})
-            self._count(kind, "ok", began)
+            self._count_later(kind, "ok", began)
             return reply
         except ProtocolError as error:
-            self._count(kind, error.code, began)
+            self._count_later(kind, error.code, began)
             return wire.encode({**error.to_header(), "request_id": _request_id(data)})
         except Exception as error:
             log.exception("%s failed", kind)
-            self._count(kind, "internal", began)
+            self._count_later(kind, "internal", began)
             return wire.encode(ProtocolError("internal", f"{type(error).__name__}: {error}").to_header())
-        finally:
-            self._update_session_gauges()
+
+    def _count_later(self, kind: str, status: str, began: float) -> None:
+        """Metrics of a session message, updated once its reply is on its way (not on every hop's critical path)."""
+        elapsed = time.perf_counter() - began
+        asyncio.get_running_loop().call_soon(self._record_session_message, kind, status, elapsed)
+
+    def _record_session_message(self, kind: str, status: str, elapsed: float) -> None:
+        self.metrics.requests.labels(kind, status).inc()
+        self.metrics.latency.labels(kind).observe(elapsed)
+        self._update_session_gauges()
 
     def _open(self, owner: int, req: wire.OpenRequest) -> bytes:
         if self.state != "online":
@@ -374,7 +382,7 @@ class BlockServer:
             raise
         output = output.to(DTYPES[session.wire_dtype])
         session.position += hidden.shape[1]
-        self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])
+        asyncio.get_running_loop().call_soon(self.metrics.tokens.labels("inference").inc, hidden.shape[0] * hidden.shape[1])
         return wire.encode({"kind": "output", "session": session.id, "request_id": req.request_id}, {"hidden": output})
 
     def _drop_broken(self, session: Session) -> None:
