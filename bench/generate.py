@@ -8,8 +8,8 @@ since a chain runs its servers one after another, at most N threads compute at a
 Each side runs in its own process, loaded once; their runs alternate (local, swarm, swarm,
 local, ...) so that both see the same machine, and the medians are reported. Local
 transformers keeps OpenMP's default (spinning) wait policy, its best setting when alone;
-the swarm's processes share the cores and use the short spin of llmswarm.threads (what
-`llmswarm up` uses).
+the swarm's processes share the cores and use llmswarm.threads' settings (what `llmswarm up`
+uses: idle OpenMP threads sleep).
 
 Per hop, two numbers:
 - ``per_hop_overhead_ms``: (swarm ms per token - local ms per token) / hops: everything a
