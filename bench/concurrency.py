@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
 import time
 
-import requests
 import torch
+from swarm_metrics import histogram_totals
 
 from llmswarm.threads import shared_cores_env
 
@@ -56,15 +55,6 @@ def local_part(sessions: list[int], new_tokens: int) -> dict[str, float]:
     return result
 
 
-def server_batches(urls: list[str]) -> tuple[float, float]:
-    rows = passes = 0.0
-    for url in urls:
-        text = requests.get(f"{url}/metrics", timeout=10).text
-        rows += sum(float(v) for v in re.findall(r'llmswarm_batch_size_sum\{kind="inference"\} (\S+)', text))
-        passes += sum(float(v) for v in re.findall(r'llmswarm_batch_size_count\{kind="inference"\} (\S+)', text))
-    return rows, passes
-
-
 def swarm_part(sessions: list[int], new_tokens: int) -> dict[str, object]:
     from llmswarm import DistributedModelForCausalLM
     from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
@@ -89,7 +79,7 @@ def swarm_part(sessions: list[int], new_tokens: int) -> dict[str, object]:
                 counts[i] = out.shape[1] - ids.shape[1]
 
             model.generate(inputs[0], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm up
-            rows0, passes0 = server_batches(urls)
+            rows0, passes0 = histogram_totals(urls, "llmswarm_batch_size")
             threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
             for thread in threads:
                 thread.start()
@@ -98,7 +88,7 @@ def swarm_part(sessions: list[int], new_tokens: int) -> dict[str, object]:
             for thread in threads:
                 thread.join()
             result[str(n)] = sum(counts) / (time.perf_counter() - began)
-            rows, passes = server_batches(urls)
+            rows, passes = histogram_totals(urls, "llmswarm_batch_size")
             mean_batch[str(n)] = (rows - rows0) / max(1.0, passes - passes0)
     return {"tok_s": result, "mean_batch": mean_batch}
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 
-import requests
 import torch
+from swarm_metrics import histogram_totals
 from transformers import AutoModelForCausalLM
 
 from llmswarm import DistributedModelForCausalLM
@@ -58,18 +57,10 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - began
 
 
-def server_pass_seconds(urls: list[str]) -> tuple[float, float]:
-    """(seconds, passes) of inference passes, summed over the servers."""
-    seconds = passes = 0.0
-    for url in urls:
-        text = requests.get(f"{url}/metrics", timeout=10).text
-        seconds += sum(float(v) for v in re.findall(r'llmswarm_pass_seconds_sum\{kind="inference"\} (\S+)', text))
-        passes += sum(float(v) for v in re.findall(r'llmswarm_pass_seconds_count\{kind="inference"\} (\S+)', text))
-    return seconds, passes
-
-
 def hop_totals(model) -> tuple[float, float]:
     """(seconds, steps) from sending a step to having its output, summed over the servers (client side)."""
+    if not isinstance(model, DistributedModelForCausalLM):
+        return 0.0, 0.0
     stats = model.client.hop_latency().values()
     return sum(mean * steps for steps, mean in stats), sum(steps for steps, _ in stats)
 
@@ -95,11 +86,11 @@ def worker(args: argparse.Namespace) -> None:
         for line in sys.stdin:
             command = line.strip()
             if command == "decode":
-                hops_before, passes_before = (hop_totals(model), server_pass_seconds(urls)) if swarm else ((0, 0), (0, 0))
+                hops_before, passes_before = hop_totals(model), histogram_totals(urls, "llmswarm_pass_seconds")
                 seconds = timed_generate(model, ids, args.new_tokens)
                 result = {"seconds": seconds}
                 if swarm:
-                    (hop_s, hop_n), (pass_s, pass_n) = hop_totals(model), server_pass_seconds(urls)
+                    (hop_s, hop_n), (pass_s, pass_n) = hop_totals(model), histogram_totals(urls, "llmswarm_pass_seconds")
                     result["hop_ms"] = 1000 * (hop_s - hops_before[0]) / (hop_n - hops_before[1])
                     result["pass_ms"] = 1000 * (pass_s - passes_before[0]) / (pass_n - passes_before[1])
                 print(json.dumps(result), flush=True)
