@@ -51,7 +51,7 @@ class ClientConfig:
     # the calling thread; 0 keeps torch's setting. A token's local work is bound by memory reads and op
     # dispatch: with more threads each op only adds OpenMP wake-ups (measured: 2 threads with
     # OMP_WAIT_POLICY=PASSIVE cost 8 ms more per token than 1 on a 2-core machine).
-    decode_threads: int = int(__import__("os").environ.get("LLMSWARM_DT", "1"))
+    decode_threads: int = 1
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -149,7 +149,7 @@ class Scheduler:
 
     def _alone(self, work: _Step) -> bool:
         """May this step run inline: a tiny pass that no other work could join or has to wait for?"""
-        if self._busy or self._steps or self._forwards or self._stopping or __import__("os").environ.get("NOINLINE"):
+        if self._busy or self._steps or self._forwards or self._stopping:
             return False
         if work.hidden.shape[0] * work.hidden.shape[1] > DECODE_TOKENS:
             return False
