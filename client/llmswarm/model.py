@@ -207,7 +207,6 @@ class _DistributedModel(PreTrainedModel):
             output = self.remote.forward(hidden, attention_mask, position_ids)
         return output[:, prefix:] if prefix else output
 
-
     def _session_step(self, session: InferenceSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None) -> torch.Tensor:
         return session.step(hidden, attention_mask, position_ids)

@@ -352,15 +352,19 @@ class InferenceSession:
             raise SwarmError(f"{self.position + hidden.shape[1]} tokens exceed the session's max_length {self.max_length}")
 
     def _advance(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor | None) -> torch.Tensor:
-        """Run a step from hop `index` to the end of the chain, failing over where a server fails."""
+                 position_ids: torch.Tensor | None, failure: Exception | None = None) -> torch.Tensor:
+        """Run a step from hop `index` to the end of the chain, failing over where a server fails
+        (`failure`: hop `index` has already failed with it)."""
         while index < len(self._spans):
+            if failure is not None:
+                if isinstance(failure, ProtocolError) and not failure.retryable:
+                    raise failure
+                self._replace(index, failure)
+                failure = None
             try:
                 output = self._spans[index].step(hidden, attention_mask, position_ids)
             except (*_TRANSPORT_ERRORS, ProtocolError) as error:
-                if isinstance(error, ProtocolError) and not error.retryable:
-                    raise
-                self._replace(index, error)
+                failure = error
                 continue
             hidden = self._record(index, hidden, output, position_ids)
             index += 1
@@ -448,7 +452,7 @@ def step_together(steps: list[SessionStep]) -> list[torch.Tensor | BaseException
             results[i] = error
         hidden.append(step.hidden)
     index = [0] * len(steps)
-    alone: list[int] = []
+    failed: dict[int, Exception] = {}  # session -> the error its hop ended with
     active = [i for i, r in enumerate(results) if r is None and index[i] < len(steps[i].session._spans)]
     while active:
         sent: list[tuple[int, int]] = []
@@ -456,24 +460,24 @@ def step_together(steps: list[SessionStep]) -> list[torch.Tensor | BaseException
             try:
                 span = steps[i].session._spans[index[i]]
                 sent.append((i, span.send_step(hidden[i], steps[i].attention_mask, steps[i].position_ids)))
-            except (*_TRANSPORT_ERRORS, ProtocolError):
-                alone.append(i)
+            except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+                failed[i] = error
         for i, request_id in sent:
             step = steps[i]
             try:
                 output = step.session._spans[index[i]].receive_step(request_id, hidden[i])
-            except (*_TRANSPORT_ERRORS, ProtocolError):
-                alone.append(i)
+            except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+                failed[i] = error
                 continue
             hidden[i] = step.session._record(index[i], hidden[i], output, step.position_ids)
             index[i] += 1
-        active = [i for i, _ in sent if i not in alone and index[i] < len(steps[i].session._spans)]
-    for i in alone:  # its own way from the failed hop on: the failover path retries and raises what it must
+        active = [i for i, _ in sent if i not in failed and index[i] < len(steps[i].session._spans)]
+    for i, error in failed.items():  # alone from the failed hop on, as InferenceSession.step would go
         step = steps[i]
         try:
-            hidden[i] = step.session._advance(index[i], hidden[i], step.attention_mask, step.position_ids)
-        except BaseException as error:  # noqa: BLE001 - handed to the step's own thread
-            results[i] = error
+            hidden[i] = step.session._advance(index[i], hidden[i], step.attention_mask, step.position_ids, error)
+        except BaseException as final:  # noqa: BLE001 - handed to the step's own thread
+            results[i] = final
     for i, step in enumerate(steps):
         if results[i] is None:
             step.session._finish_step(step.hidden, step.attention_mask)
