@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from llmswarm_node.batching import StepInput, run_steps
 from llmswarm_node.span import SpanModel
 from tests.conftest import chat_ids
+from tests.helpers import metric_total
 
 HIDDEN = 576
 
@@ -113,8 +113,8 @@ def batch_stats(swarm) -> tuple[float, float]:
     rows = passes = 0.0
     for server in swarm.routes().servers:
         text = requests.get(f"{server.url}/metrics", timeout=10).text
-        rows += sum(float(v) for v in re.findall(r'llmswarm_batch_size_sum\{kind="inference"\} (\S+)', text))
-        passes += sum(float(v) for v in re.findall(r'llmswarm_batch_size_count\{kind="inference"\} (\S+)', text))
+        rows += metric_total(text, "llmswarm_batch_size_sum", kind="inference")
+        passes += metric_total(text, "llmswarm_batch_size_count", kind="inference")
     return rows, passes
 
 

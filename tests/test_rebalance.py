@@ -55,6 +55,7 @@ from llmswarm_operator.rebalance import (
     upper_bound,
 )
 from llmswarm_operator.routemap_service import prometheus_targets
+from tests.helpers import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")
@@ -318,15 +319,9 @@ async def endpoints() -> AsyncIterator[Endpoints]:
     fake = Endpoints()
     app = web.Application()
     app.router.add_get("/{server}/metrics", fake.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(app) as url:
+        fake.url = url
         yield fake
-    finally:
-        await runner.cleanup()
 
 
 def test_parse_sample_and_rates() -> None:

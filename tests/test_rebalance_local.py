@@ -37,6 +37,7 @@ from llmswarm import ClientConfig, DistributedModelForCausalLM, wire
 from llmswarm.routemap import RouteMap
 from llmswarm_operator.load_metrics import PROMQL, ScrapeSource, Target
 from tests.conftest import OUTPUT, chat_ids
+from tests.helpers import metric_total
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [
@@ -116,13 +117,7 @@ def routes(url: str) -> RouteMap:
 
 
 def metric(url: str, name: str, **labels: str) -> float:
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}(\{{[^}}]*\}})? (\S+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
+    return metric_total(requests.get(f"{url}/metrics", timeout=10).text, name, **labels)
 
 
 class PausingStreamer:

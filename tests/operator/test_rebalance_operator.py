@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +26,8 @@ from prometheus_client import generate_latest
 from llmswarm_node.metrics import ServerMetrics
 from llmswarm_operator.assignment import Assignment
 from llmswarm_operator.manifests import routemap_name
-from tests.operator.conftest import Cluster, eventually, free_port, operator_settings, settle, start_operator
+from tests.helpers import metric_total, serving
+from tests.operator.conftest import Cluster, eventually, operator_settings, settle, start_operator
 from tests.operator.test_operator_emulator import apply_doc, live, owned, route_history, status, wait_phase, wait_servers
 
 NAME = "rebal"
@@ -87,26 +87,14 @@ async def servers() -> AsyncIterator[FakeServers]:
     fake = FakeServers()
     app = web.Application()
     app.router.add_get("/{namespace}/{server}/metrics", fake.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    fake.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as url:
+        fake.url = url
         yield fake
-    finally:
-        await runner.cleanup()
 
 
 async def operator_metric(url: str, name: str, **labels: str) -> float:
     async with aiohttp.ClientSession() as http, http.get(url) as response:
-        text = await response.text()
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}(\{{[^}}]*\}})? (\S+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
+        return metric_total(await response.text(), name, **labels)
 
 
 async def test_skewed_load_moves_a_server_make_before_break(cluster: Cluster, servers: FakeServers) -> None:
