@@ -45,15 +45,9 @@ class RebalanceMetrics:
 
     def forget(self, namespace: str, swarm: str) -> None:
         for metric in (self.moves, self.gain, self.bottleneck, self.last_move):
-            try:
-                metric.remove(namespace, swarm)
-            except KeyError:
-                pass
+            _remove(metric, namespace, swarm)
         for result in REBALANCE_RESULTS:
-            try:
-                self.rounds.remove(namespace, swarm, result)
-            except KeyError:
-                pass
+            _remove(self.rounds, namespace, swarm, result)
 
 
 class OperatorMetrics:
@@ -122,15 +116,9 @@ class OperatorMetrics:
         """Drop the series of a deleted Swarm."""
         for gauge in (self.min_replicas, self.target_replicas, self.uncovered, self.ready, self.routemap_version,
                       self.placement_feasible, self.missing_bytes):
-            try:
-                gauge.remove(namespace, swarm)
-            except KeyError:
-                pass
+            _remove(gauge, namespace, swarm)
         for state in SERVER_STATES:
-            try:
-                self.servers.remove(namespace, swarm, state)
-            except KeyError:
-                pass
+            _remove(self.servers, namespace, swarm, state)
         self.rebalance.forget(namespace, swarm)
 
     def render(self) -> bytes:
@@ -153,3 +141,11 @@ class OperatorMetrics:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _remove(metric: Any, *labels: str) -> None:
+    """Drop one labelled series, if it exists."""
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
