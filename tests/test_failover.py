@@ -96,3 +96,37 @@ def test_no_server_for_a_span_is_a_clear_error(swarm6):
             client.ban(server.id)  # as after a failure: avoided for ban_seconds
     with pytest.raises(SwarmError, match=r"blocks \[20, 30\)"):
         InferenceSession(client, 30, max_length=16)
+
+
+def test_sigkill_during_a_pushed_generation(swarm6, local_smollm2):
+    """A client alone: each server pushes the step to the next. The middle server dies mid-generation; the
+    client fails over (the hop after it starts a new session, replayed) and its output does not change."""
+    model = DistributedModelForCausalLM.from_pretrained(
+        "smollm2", swarm=swarm6.url, progress=False, client_config=ClientConfig(ban_seconds=2.0)
+    )
+    ids = chat_ids(model.tokenizer, "Describe a mountain lake in spring.")
+    expected = local_greedy(local_smollm2, ids, 40)
+    victim = model.client.chain(0, 30)[1].server
+    result: list = []
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            result.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
+                                         do_sample=False, pad_token_id=0).tolist())
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    pushed_to_victim = 0.0
+    deadline = time.monotonic() + 60
+    while pushed_to_victim < 10 and time.monotonic() < deadline:  # its steps arrive by push
+        text = requests.get(f"{victim.url}/metrics", timeout=10).text
+        pushed_to_victim = sum(float(v) for v in re.findall(r'llmswarm_pushes_received_total\{status="ok"\} (\S+)', text))
+        time.sleep(0.05)
+    assert pushed_to_victim >= 10
+    swarm6.kill(swarm6.index_of(victim.id), signal.SIGKILL)
+    thread.join()
+    assert not errors, errors
+    assert result == [expected]

@@ -52,6 +52,9 @@ class ClientConfig:
     # dispatch: with more threads each op only adds OpenMP wake-ups (measured: 2 threads with
     # OMP_WAIT_POLICY=PASSIVE cost 8 ms more per token than 1 on a 2-core machine).
     decode_threads: int = 1
+    # A session's step goes to its first server with the rest of the chain, and each server pushes its
+    # output straight to the next (see llmswarm_node/push.py): one client round trip per step, not per hop.
+    push: bool = True
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -212,14 +215,31 @@ class SpanSession:
             self.socket.close()
             raise
         self.session = int(reply.header["session"])
+        key = reply.header.get("push_key")
+        self.push_key = key if isinstance(key, str) and 16 <= len(key) <= 64 else None  # None: the server cannot take pushes
 
     def _call(self, header: dict[str, object], tensors: dict[str, torch.Tensor] | None = None) -> wire.Frame:
         return self._receive(self._send(header, tensors))
 
-    def _send(self, header: dict[str, object], tensors: dict[str, torch.Tensor] | None = None) -> int:
-        request_id = next(self._ids)
+    def _send(self, header: dict[str, object], tensors: dict[str, torch.Tensor] | None = None,
+              request_id: int | None = None) -> int:
+        request_id = next(self._ids) if request_id is None else request_id
         self.socket.send(wire.encode({**header, "request_id": request_id}, tensors))
         return request_id
+
+    def reserve_request(self) -> int:
+        """A request id for a step that the previous server will push here (see push_target)."""
+        return next(self._ids)
+
+    def push_target(self, request_id: int, then: dict[str, object] | None) -> dict[str, object]:
+        """Where the previous server hands this hop's input: this session, at its current position;
+        `then` goes on from here."""
+        assert self.push_key is not None
+        target: dict[str, object] = {"url": self.hop.server.url, "session": self.session, "key": self.push_key,
+                                     "request_id": request_id, "position": self.position}
+        if then is not None:
+            target["push"] = then
+        return target
 
     def _receive(self, request_id: int) -> wire.Frame:
         data = self.socket.recv(timeout=self.client.config.request_timeout)
@@ -234,8 +254,10 @@ class SpanSession:
              position_ids: torch.Tensor | None) -> torch.Tensor:
         return self.receive_step(self.send_step(hidden, attention_mask, position_ids), hidden)
 
-    def send_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> int:
+    def send_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                  push: dict[str, object] | None = None, request_id: int | None = None) -> int:
         """Send a step without waiting for its output (see receive_step); returns the request id.
+        With `push` (a push_target), the server hands its output on to the next server too.
 
         A mask of all ones and the default positions (past, past + 1, ...) are left out: the
         server assumes exactly those, and each costs work on both sides of every hop."""
@@ -249,16 +271,25 @@ class SpanSession:
         if position_ids is not None:
             tensors["position_ids"] = position_ids.to(torch.int64)
         self._sent_at = time.perf_counter()
-        return self._send({"kind": "step", "session": self.session}, tensors)
+        header: dict[str, object] = {"kind": "step", "session": self.session}
+        if push is not None:
+            header["push"] = push
+        return self._send(header, tensors, request_id)
 
     def receive_step(self, request_id: int, hidden: torch.Tensor) -> torch.Tensor:
         """The output of the step sent as `request_id` with input `hidden`."""
-        output = self._receive(request_id).tensors.get("hidden")
+        return self.receive_output(request_id, hidden)[0]
+
+    def receive_output(self, request_id: int, hidden: torch.Tensor, pushed_since: float | None = None) -> tuple[torch.Tensor, bool]:
+        """(output, whether the server pushed it on to the next server) of step `request_id` with input `hidden`;
+        `pushed_since`: the step was pushed here, and its input was at hand then."""
+        frame = self._receive(request_id)
+        output = frame.tensors.get("hidden")
         if output is None or list(output.shape) != list(hidden.shape):
             raise ProtocolError("internal", f"server {self.server_id} returned a malformed output")
         self.position += hidden.shape[1]
-        self.client.note_hop(self.server_id, time.perf_counter() - self._sent_at)
-        return output.to(hidden.dtype)
+        self.client.note_hop(self.server_id, time.perf_counter() - (self._sent_at if pushed_since is None else pushed_since))
+        return output.to(hidden.dtype), frame.header.get("pushed") is True
 
     def close(self) -> None:
         try:
@@ -361,6 +392,9 @@ class InferenceSession:
                     raise failure
                 self._replace(index, failure)
                 failure = None
+            if self._can_push(index):
+                hidden, index, failure = self._pushed(index, hidden, attention_mask, position_ids)
+                continue
             try:
                 output = self._spans[index].step(hidden, attention_mask, position_ids)
             except (*_TRANSPORT_ERRORS, ProtocolError) as error:
@@ -369,6 +403,38 @@ class InferenceSession:
             hidden = self._record(index, hidden, output, position_ids)
             index += 1
         return hidden
+
+    def _can_push(self, index: int) -> bool:
+        rest = self._spans[index + 1:]
+        return self.client.config.push and bool(rest) and all(span.push_key is not None for span in rest)
+
+    def _pushed(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None) -> tuple[torch.Tensor, int, Exception | None]:
+        """Send a step to hop `index` with the rest of the chain; each server pushes its output to the next and
+        answers here. Returns (hidden states reached, the hop they are for, the error that hop failed with).
+
+        A server that could not push says so; the client then sends that output on itself. When a hop
+        fails, the hops after it may or may not have been handed this step: their sessions start over
+        (replayed on the same or other servers), so no cache ever holds a step twice."""
+        spans = self._spans[index:]
+        request_ids = [0] + [span.reserve_request() for span in spans[1:]]
+        targets: list[dict[str, object] | None] = [None] * (len(spans) + 1)
+        for k in range(len(spans) - 1, 0, -1):
+            targets[k] = spans[k].push_target(request_ids[k], targets[k + 1])
+        pushed, since = False, None
+        for k, span in enumerate(spans):
+            try:
+                if not pushed:
+                    request_ids[k] = span.send_step(hidden, attention_mask, position_ids, targets[k + 1],
+                                                    request_ids[k] or None)
+                output, pushed = span.receive_output(request_ids[k], hidden, since if pushed else None)
+            except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+                for later in reversed(range(index + k + 1, len(self._spans))):  # a replaced hop may become several
+                    self._replace(later, error, ban=False)
+                return hidden, index + k, error
+            since = time.perf_counter()
+            hidden = self._record(index + k, hidden, output, position_ids)
+        return hidden, index + len(spans), None
 
     def _record(self, index: int, hidden: torch.Tensor, output: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         self._history[index].hidden.append(hidden)
@@ -379,16 +445,18 @@ class InferenceSession:
         self._masks.append(attention_mask)
         self.position += hidden.shape[1]
 
-    def _replace(self, index: int, error: Exception) -> None:
-        """Route blocks of the failed hop again and replay their inputs on the new servers."""
+    def _replace(self, index: int, error: Exception, ban: bool = True) -> None:
+        """Route blocks of the failed hop again and replay their inputs on the new servers
+        (`ban=False`: the hop did not fail itself; its server may serve them again, in a new session)."""
         failed = self._spans[index]
-        log.warning("server %s failed on blocks [%d, %d): %s; failing over", failed.server_id, failed.start,
-                    failed.end, error)
-        self.client.ban(failed.server_id)
+        if ban:
+            log.warning("server %s failed on blocks [%d, %d): %s; failing over", failed.server_id, failed.start,
+                        failed.end, error)
+            self.client.ban(failed.server_id)
         failed.socket.close()
         history = self._history[index]
         for attempt in range(self.client.config.max_retries + 1):
-            spans, histories = self._open_chain(failed.start, failed.end, exclude=(failed.server_id,))
+            spans, histories = self._open_chain(failed.start, failed.end, exclude=(failed.server_id,) if ban else ())
             try:
                 inputs = history.hidden
                 for span, own in zip(spans, histories, strict=True):
@@ -443,6 +511,12 @@ def step_together(steps: list[SessionStep]) -> list[torch.Tensor | BaseException
     fails leaves the group and finishes its step alone (failover and replay as in
     InferenceSession.step). Returns each step's output, or the error it ended with.
     """
+    if len(steps) == 1:  # alone: the servers push the step along the chain (InferenceSession.step)
+        step = steps[0]
+        try:
+            return [step.session.step(step.hidden, step.attention_mask, step.position_ids)]
+        except BaseException as error:  # noqa: BLE001 - handed to the step's own thread
+            return [error]
     results: list[torch.Tensor | BaseException | None] = [None] * len(steps)
     hidden: list[torch.Tensor] = []
     for i, step in enumerate(steps):

@@ -12,7 +12,10 @@ tensor is made; tensors are then views over the received buffer (``torch.frombuf
 Message kinds (requests -> replies):
 
 * ``open`` {start, end, max_length, batch_size?, wire_dtype?, adapter?} -> ``opened`` {session}
-* ``step`` {session} + hidden, attention_mask?, position_ids? -> ``output`` {session} + hidden
+* ``step`` {session, push?} + hidden, attention_mask?, position_ids? -> ``output`` {session, pushed?} + hidden
+* ``push`` {session, key, position, request_id, push?} + hidden, attention_mask?, position_ids?: a server
+  hands its output to the next server of the client's chain (``/v1/push``); that server answers on
+  the client's own session connection, with the client's ``request_id``
 * ``close`` {session} -> ``closed`` {session}
 * ``forward`` {start, end, wire_dtype?, adapter?} + hidden, attention_mask?, position_ids?, prompts? -> ``output`` + hidden
 * ``backward`` {start, end, wire_dtype?, adapter?} + hidden, attention_mask?, position_ids?, prompts?, grad_output
@@ -107,10 +110,32 @@ class OpenRequest(_Strict):
     request_id: NonNegInt | None = None
 
 
+class PushTarget(_Strict):
+    """Where a server sends a step's output: the next hop's server, session and the step's request id there;
+    `push` goes on from that server (the rest of the chain)."""
+
+    url: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^https?://[^\s/]+$")]
+    session: NonNegInt
+    key: Annotated[str, Field(min_length=16, max_length=64)]
+    request_id: NonNegInt
+    position: NonNegInt  # tokens the session holds before this step: a stale or repeated push is refused
+    push: PushTarget | None = None
+
+
 class StepRequest(_Strict):
     kind: Literal["step"]
     session: NonNegInt
     request_id: NonNegInt | None = None
+    push: PushTarget | None = None
+
+
+class PushRequest(_Strict):
+    kind: Literal["push"]
+    session: NonNegInt
+    key: Annotated[str, Field(min_length=16, max_length=64)]
+    request_id: NonNegInt
+    position: NonNegInt
+    push: PushTarget | None = None
 
 
 class CloseRequest(_Strict):
@@ -140,6 +165,7 @@ _REQUESTS: dict[str, type[_Strict]] = {
     "open": OpenRequest,
     "step": StepRequest,
     "close": CloseRequest,
+    "push": PushRequest,
     "forward": ForwardRequest,
     "backward": BackwardRequest,
 }
@@ -185,6 +211,8 @@ def decode(data: bytes, limits: WireLimits = WireLimits()) -> Frame:
         header = json.loads(data[_PREFIX.size:body_start].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ProtocolError("bad_request", f"header is not UTF-8 JSON: {error}") from None
+    except RecursionError:
+        raise ProtocolError("bad_request", "header nests too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
         raise ProtocolError("bad_request", "header must be a JSON object with a string 'kind'")
     raw_specs = header.pop("tensors", [])

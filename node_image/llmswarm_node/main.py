@@ -78,6 +78,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds open sessions may take to finish before the server exits")
     add_security_arguments(parser)
+    parser.add_argument("--no-push", dest="push", action="store_false",
+                        help="never push a step's output to the next server (clients then send it on themselves)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -125,7 +127,7 @@ def run_serve(args: argparse.Namespace) -> int:
             threads=bulk_threads, decode_threads=decode_threads,
         ),
         token=token_from_env(args.token), tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
-        drain_timeout=args.drain_timeout,
+        drain_timeout=args.drain_timeout, push=args.push,
     )
     server = BlockServer(span, options)
     server.throughput = span.measure_throughput()

@@ -18,6 +18,14 @@ class ServerMetrics:
             "llmswarm_request_duration_seconds", "Time from request decoded to reply ready, by kind",
             ["kind"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.pushes = Counter(
+            "llmswarm_pushes", "Step outputs handed to the next server of a client's chain, by outcome "
+            "(failed: the client sent it itself)", ["status"], registry=r,
+        )
+        self.pushes_received = Counter(
+            "llmswarm_pushes_received", "Steps handed over by the previous server of a client's chain, by outcome",
+            ["status"], registry=r,
+        )
         self.tokens = Counter(
             "llmswarm_tokens_processed", "Tokens (batch x sequence) run through this server's blocks, by kind",
             ["kind"], registry=r,

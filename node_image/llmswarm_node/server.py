@@ -13,6 +13,7 @@ Endpoints:
   POST /v1/backward   gradients of a forward's inputs (and deep prompts); weights stay frozen
   GET  /v1/weights-digest  SHA-256 of the span's weights
   GET  /v1/session    WebSocket of inference sessions (open / step / close frames)
+  GET  /v1/push       WebSocket for the previous server of a client's chain to hand over a step (push.py)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from llmswarm.routemap import Announcement, ModelInfo, ServerRecord, ServerState
 from llmswarm.security import client_ssl_context, server_ssl_context, token_middleware
 from llmswarm.wire import DTYPES, ProtocolError
 from llmswarm_node.metrics import ServerMetrics
+from llmswarm_node.push import Pusher
 from llmswarm_node.scheduler import BatchOptions, Scheduler
 from llmswarm_node.sessions import ServerLimits, Session, SessionTable
 from llmswarm_node.span import SpanModel
@@ -70,6 +72,7 @@ class ServerOptions:
     tls_key: str | None = None
     tls_ca: str | None = None  # CA bundle to verify an https route map
     drain_timeout: float = 30.0  # seconds open sessions may take to finish after SIGTERM
+    push: bool = True  # hand step outputs straight to the next server of a client's chain (push.py)
 
 
 class BlockServer:
@@ -86,6 +89,8 @@ class BlockServer:
         self.throughput = 0.0
         self.wire_limits = wire.WireLimits(max_tensor_bytes=self.limits.max_message_bytes)
         self._owners = itertools.count(1)
+        self._owner_sockets: dict[int, web.WebSocketResponse] = {}  # where a pushed step's reply goes
+        self.pusher: Pusher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.span_start.set(span.start)
         self.metrics.span_end.set(span.end)
@@ -104,12 +109,14 @@ class BlockServer:
         app.router.add_post("/v1/backward", self.backward)
         app.router.add_get("/v1/weights-digest", self.weights_digest)
         app.router.add_get("/v1/session", self.session_socket)
+        app.router.add_get("/v1/push", self.push_socket)
         app.on_startup.append(self._start_background)
         app.on_cleanup.append(self._stop_background)
         return app
 
     async def _start_background(self, app: web.Application) -> None:
         self._tasks.append(asyncio.create_task(self._expire_sessions()))
+        self.pusher = Pusher(self.options.swarm, self.options.token, self.options.tls_ca)
 
     def start_announcing(self) -> None:
         """Heartbeat to the route map (once the server is online and knows its URL)."""
@@ -122,6 +129,8 @@ class BlockServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.options.swarm:
             await self._leave()
+        if self.pusher is not None:
+            await self.pusher.close()
         self.scheduler.shutdown()
 
     # ---- probes and metadata -----------------------------------------------------------------------------
@@ -308,6 +317,7 @@ class BlockServer:
         socket_ = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + 64 * 1024)
         await socket_.prepare(request)
         owner = next(self._owners)
+        self._owner_sockets[owner] = socket_
         try:
             async for message in socket_:
                 if message.type == aiohttp.WSMsgType.BINARY:
@@ -318,6 +328,7 @@ class BlockServer:
                     break
                 await socket_.send_bytes(reply)
         finally:
+            del self._owner_sockets[owner]
             freed = self.sessions.close_owner(owner)
             if freed:
                 log.info("connection %d closed, freed %d session(s)", owner, freed)
@@ -367,23 +378,96 @@ class BlockServer:
             owner, req.start, req.end, req.batch_size, req.max_length, req.wire_dtype,
             self.span.new_cache(req.start, req.end), req.adapter,
         )
-        return wire.encode({"kind": "opened", "session": session.id, "request_id": req.request_id})
+        return wire.encode({"kind": "opened", "session": session.id, "push_key": session.push_key,
+                            "request_id": req.request_id})
 
     async def _step(self, owner: int, req: wire.StepRequest, tensors: dict[str, torch.Tensor]) -> bytes:
-        session = self.sessions.get(owner, req.session)
-        session.note_step(time.monotonic())
-        hidden, mask, positions = self._inputs(
-            tensors, session.batch_size, session.position, session.max_length - session.position
-        )
+        return await self._run_step(self.sessions.get(owner, req.session), req.request_id, tensors, req.push)
+
+    async def _run_step(self, session: Session, request_id: int | None, tensors: dict[str, torch.Tensor],
+                        push: wire.PushTarget | None) -> bytes:
+        """One step of `session`; with `push`, its output also goes on to the next server of the chain."""
+        if session.stepping:
+            raise ProtocolError("bad_request", f"session {session.id} is already running a step")
+        session.stepping = True
         try:
-            output = await self.scheduler.step(session, hidden, mask, positions)
-        except Exception:
-            self._drop_broken(session)
-            raise
-        output = output.to(DTYPES[session.wire_dtype])
-        session.position += hidden.shape[1]
+            session.note_step(time.monotonic())
+            hidden, mask, positions = self._inputs(
+                tensors, session.batch_size, session.position, session.max_length - session.position
+            )
+            try:
+                output = await self.scheduler.step(session, hidden, mask, positions)
+            except Exception:
+                self._drop_broken(session)
+                raise
+            output = output.to(DTYPES[session.wire_dtype])
+            session.position += hidden.shape[1]
+        finally:
+            session.stepping = False
+        header: dict[str, object] = {"kind": "output", "session": session.id, "request_id": request_id}
+        if push is not None:
+            header["pushed"] = await self._push(push, output, mask, positions)
         asyncio.get_running_loop().call_soon(self.metrics.tokens.labels("inference").inc, hidden.shape[0] * hidden.shape[1])
-        return wire.encode({"kind": "output", "session": session.id, "request_id": req.request_id}, {"hidden": output})
+        return wire.encode(header, {"hidden": output})
+
+    async def _push(self, target: wire.PushTarget, output: torch.Tensor, mask: torch.Tensor | None,
+                    positions: torch.Tensor | None) -> bool:
+        """Hand a step's output to the next server (the client sends it there itself if this returns False)."""
+        tensors = {"hidden": output}
+        if mask is not None:
+            tensors["attention_mask"] = mask
+        if positions is not None:
+            tensors["position_ids"] = positions
+        header = {"kind": "push", **target.model_dump(exclude_none=True)}
+        del header["url"]
+        pushed = self.pusher is not None and self.options.push and await self.pusher.push(target.url, wire.encode(header, tensors))
+        asyncio.get_running_loop().call_soon(self.metrics.pushes.labels("ok" if pushed else "failed").inc)
+        return pushed
+
+    async def push_socket(self, request: web.Request) -> web.WebSocketResponse:
+        """Steps handed over by the previous server of a client's chain; their replies go to the client."""
+        socket_ = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + 64 * 1024)
+        await socket_.prepare(request)
+        async for message in socket_:
+            if message.type != aiohttp.WSMsgType.BINARY:
+                break
+            refusal = await self._pushed_step(message.data)
+            if refusal is not None:
+                await socket_.send_bytes(refusal)
+        return socket_
+
+    async def _pushed_step(self, data: bytes) -> bytes | None:
+        """Run a pushed step and answer its client; returns a refusal for the pusher where no client can be told."""
+        began = time.perf_counter()
+        try:
+            frame = wire.decode(data, self.wire_limits)
+            req = wire.parse_request(frame, ("push",))
+            session = self.sessions.pushed(req.session, req.key)
+            client = self._owner_sockets.get(session.owner)
+        except ProtocolError as error:
+            self.metrics.pushes_received.labels(error.code).inc()
+            return wire.encode(error.to_header())
+        try:
+            if req.position != session.position:
+                raise ProtocolError("bad_request", f"a push for position {req.position}, the session holds "
+                                                   f"{session.position} tokens")
+            reply = await self._run_step(session, req.request_id, frame.tensors, req.push)
+            status = "ok"
+        except ProtocolError as error:
+            reply, status = wire.encode({**error.to_header(), "request_id": req.request_id}), error.code
+        except Exception as error:
+            log.exception("pushed step failed")
+            status = "internal"
+            reply = wire.encode({**ProtocolError("internal", f"{type(error).__name__}: {error}").to_header(),
+                                 "request_id": req.request_id})
+        self._count_later("step", status, began)
+        self.metrics.pushes_received.labels(status).inc()
+        if client is not None and not client.closed:
+            try:
+                await client.send_bytes(reply)
+            except (ConnectionError, RuntimeError) as error:
+                log.info("the client of session %d left before its pushed step's reply: %s", session.id, error)
+        return None
 
     def _drop_broken(self, session: Session) -> None:
         """A step that failed inside the model may have half-written the cache: end the session."""

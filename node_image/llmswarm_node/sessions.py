@@ -1,14 +1,19 @@
 """Inference sessions of one server: their attention caches, budget and expiry.
 
 A session belongs to the connection that opened it: another connection naming its id
-gets "not found", and closing the connection frees every session it opened. Each
+gets "not found", and closing the connection frees every session it opened. The one
+exception is a push (server.py, /v1/push): the previous server of the client's chain
+hands it a step's input, naming the session and the secret push key that the open
+returned to the client alone. Each
 session reserves its worst-case attention-cache size (batch x max_length tokens) at
 open, so the budget is checked once, up front, and a step can never run out of room.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +52,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     last_step: float | None = None  # when its latest step arrived
     step_interval: float | None = None  # moving average of the time between its steps
+    push_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    stepping: bool = False  # a step is running: another one for this session is refused until it ends
 
     def note_step(self, now: float) -> None:
         if self.last_step is not None:
@@ -109,6 +116,14 @@ class SessionTable:
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
             raise ProtocolError("not_found", f"no session {session_id} on this connection")
+        session.last_used = time.monotonic()
+        return session
+
+    def pushed(self, session_id: int, key: str) -> Session:
+        """The session a push names, if `key` is its push key."""
+        session = self._sessions.get(session_id)
+        if session is None or not hmac.compare_digest(session.push_key.encode(), key.encode()):
+            raise ProtocolError("not_found", f"no session {session_id} with that push key")
         session.last_used = time.monotonic()
         return session
 

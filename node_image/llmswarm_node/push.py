@@ -1,0 +1,127 @@
+"""Server-to-server push: a step's output goes straight to the next server of the client's chain.
+
+Without push, every hop of a token is a round trip through the client: the client reads a
+server's output, then sends it to the next server. With push (as in Petals' ``rpc_push``),
+the client sends a step to its first server with the rest of its chain (``PushTarget``:
+each next server's URL, session, push key and the client's request id there); each server
+hands its output to the next one over a kept-open WebSocket (``/v1/push``), and still
+answers the client, which keeps every hop's input for failover replay. The client's own
+path is one send and the replies; the hop boundaries no longer wait on the client.
+
+A server pushes only to servers that the swarm's route map lists, never to a URL a client
+names at will: it sends the swarm token along, and must not be made to connect elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from llmswarm import wire
+from llmswarm.routemap import RouteMap
+from llmswarm.security import client_ssl_context
+
+log = logging.getLogger("llmswarm.node")
+
+REFRESH_SECONDS = 1.0  # an unknown URL re-reads the route map at most this often
+DOWN_SECONDS = 10.0  # a server that could not be pushed to is not tried again for this long
+
+
+class PeerDirectory:
+    """Which URLs are servers of this swarm: the route map's servers, read when a URL is not known yet."""
+
+    def __init__(self, route_map: str | None, http: aiohttp.ClientSession | None = None) -> None:
+        self.route_map = route_map
+        self._http = http
+        self._urls: set[str] = set()
+        self._read_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def known(self, url: str) -> bool:
+        if url in self._urls:
+            return True
+        if self.route_map is None or self._http is None:
+            return False
+        async with self._lock:
+            if url not in self._urls and time.monotonic() - self._read_at >= REFRESH_SECONDS:
+                self._read_at = time.monotonic()
+                try:
+                    async with self._http.get(f"{self.route_map}/v1/routes") as response:
+                        response.raise_for_status()
+                        routes = RouteMap.model_validate_json(await response.read())
+                    self._urls = {server.url for server in routes.servers}
+                except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as error:
+                    log.warning("cannot read the route map to check a push target: %s", error)
+        return url in self._urls
+
+
+class Pusher:
+    """Kept-open push connections to the other servers, one per server URL."""
+
+    def __init__(self, route_map: str | None, token: str | None, tls_ca: str | None, timeout: float = 5.0) -> None:
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(tls_ca)) if tls_ca else None
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=timeout),
+                                           connector=connector, headers=headers)
+        self.peers = PeerDirectory(route_map, self._http)
+        self._sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._down: dict[str, float] = {}  # url -> until when it is not tried (unreachable, refused us)
+
+    async def push(self, url: str, frame: bytes) -> bool:
+        """Hand `frame` to the server at `url`; False where it could not be sent (the client then sends it)."""
+        if self._down.get(url, 0.0) > time.monotonic():
+            return False
+        if not await self.peers.known(url):
+            log.warning("not pushing to %s: the route map does not list it", url)
+            return False
+        for attempt in range(2):  # a kept connection may have closed since: one new one
+            try:
+                socket_ = await self._socket(url)
+                await socket_.send_bytes(frame)
+                return True
+            except (TimeoutError, aiohttp.ClientError, OSError, ConnectionError, RuntimeError) as error:
+                self._drop(url)
+                if attempt:
+                    log.warning("push to %s failed (not tried again for %.0f s): %s", url, DOWN_SECONDS, error)
+                    self._down[url] = time.monotonic() + DOWN_SECONDS
+        return False
+
+    async def _socket(self, url: str) -> aiohttp.ClientWebSocketResponse:
+        socket_ = self._sockets.get(url)
+        if socket_ is not None and not socket_.closed:
+            return socket_
+        async with self._connecting.setdefault(url, asyncio.Lock()):
+            socket_ = self._sockets.get(url)
+            if socket_ is None or socket_.closed:
+                ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/push"
+                socket_ = await self._http.ws_connect(ws_url, autoping=True, heartbeat=None)
+                self._sockets[url] = socket_
+                asyncio.get_running_loop().create_task(self._read_refusals(url, socket_))
+            return socket_
+
+    async def _read_refusals(self, url: str, socket_: aiohttp.ClientWebSocketResponse) -> None:
+        """A peer answers on the push connection only when it refuses a push outright (bad session or key)."""
+        async for message in socket_:
+            if message.type == aiohttp.WSMsgType.BINARY:
+                try:
+                    header = wire.decode(message.data).header
+                except wire.ProtocolError as error:
+                    header = {"message": str(error)}
+                log.warning("server %s refused a push: %s", url, header.get("message"))
+        if self._sockets.get(url) is socket_:
+            del self._sockets[url]
+
+    def _drop(self, url: str) -> None:
+        socket_ = self._sockets.pop(url, None)
+        if socket_ is not None and not socket_.closed:
+            asyncio.get_running_loop().create_task(socket_.close())
+
+    async def close(self) -> None:
+        for socket_ in list(self._sockets.values()):
+            await socket_.close()
+        self._sockets.clear()
+        await self._http.close()

@@ -1,0 +1,141 @@
+"""Server-to-server push: each server hands a step's output straight to the next server of the chain."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import requests
+import torch
+from websockets.sync.client import connect
+
+from llmswarm import ClientConfig, DistributedModelForCausalLM, wire
+from llmswarm.remote import SpanSession
+from tests.conftest import chat_ids
+from tests.helpers import metric_total
+
+pytestmark = pytest.mark.integration
+
+
+def push_counts(swarm) -> dict[str, tuple[float, float]]:
+    """server id -> (pushes made, pushes received and run), from each server's /metrics."""
+    counts = {}
+    for server in swarm.routes().servers:
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+        counts[server.id] = (metric_total(text, "llmswarm_pushes_total", status="ok"),
+                             metric_total(text, "llmswarm_pushes_received_total", status="ok"))
+    return counts
+
+
+def greedy(model, ids, new_tokens=24):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def session_socket(url: str):
+    return connect(url.replace("http://", "ws://") + "/v1/session", compression=None, max_size=2**26)
+
+
+def call(sock, header, tensors=None) -> wire.Frame:
+    sock.send(wire.encode(header, tensors))
+    return wire.decode(sock.recv(timeout=60))
+
+
+def test_pushed_steps_equal_client_driven_steps(swarm3, model3, local_smollm2):
+    ids = chat_ids(model3.tokenizer, "Name three rivers in Europe.")
+    chain = [hop.server.id for hop in model3.client.chain(0, 30)]
+    assert len(chain) == 3
+    before = push_counts(swarm3)
+    pushed = greedy(model3, ids)
+    after = push_counts(swarm3)
+    # every step after the prefill went server to server: the first two hops pushed, the last two received
+    assert after[chain[0]][0] - before[chain[0]][0] >= 24 and after[chain[1]][0] - before[chain[1]][0] >= 24
+    assert after[chain[1]][1] - before[chain[1]][1] >= 24 and after[chain[2]][1] - before[chain[2]][1] >= 24
+
+    unpushed_model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm3.url, progress=False,
+                                                                 client_config=ClientConfig(push=False))
+    before = push_counts(swarm3)
+    unpushed = greedy(unpushed_model, ids)
+    assert push_counts(swarm3) == before
+    assert torch.equal(pushed, unpushed)
+    assert torch.equal(pushed, greedy(local_smollm2, ids))
+
+
+def test_client_sends_on_where_a_server_could_not_push(swarm3, model3, local_smollm2, monkeypatch):
+    """A push target the route map does not list is refused by the server (pushed: false); the client sends
+    that hop's input itself, with the request id it reserved, and the output does not change."""
+    real_target = SpanSession.push_target
+
+    def unlisted(self, request_id, then):
+        target = real_target(self, request_id, then)
+        if self.start == 10:
+            target["url"] = "http://127.0.0.1:9"  # not a server of this swarm
+        return target
+
+    monkeypatch.setattr(SpanSession, "push_target", unlisted)
+    ids = chat_ids(model3.tokenizer, "What is the capital of Italy?")
+    chain = [hop.server.id for hop in model3.client.chain(0, 30)]
+    before = push_counts(swarm3)
+    assert torch.equal(greedy(model3, ids, 16), greedy(local_smollm2, ids, 16))
+    after = push_counts(swarm3)
+    assert after[chain[0]][0] == before[chain[0]][0]  # hop 0 was never let push to the unlisted URL
+    assert after[chain[1]][0] - before[chain[1]][0] >= 16  # hop 1, sent its input by the client, pushed on
+
+
+def test_servers_push_only_to_servers_the_route_map_lists(swarm3):
+    bait = socket.socket()
+    bait.bind(("127.0.0.1", 0))
+    bait.listen()
+    bait.setblocking(False)
+    first = next(s for s in swarm3.routes().servers if s.start == 0)
+    hidden = torch.randn(1, 3, 576)
+    with session_socket(first.url) as sock:
+        session = call(sock, {"kind": "open", "start": 0, "end": 10, "max_length": 8}).header
+        target = {"url": f"http://127.0.0.1:{bait.getsockname()[1]}", "session": 1, "key": "k" * 32, "request_id": 1,
+                  "position": 0}
+        reply = call(sock, {"kind": "step", "session": session["session"], "request_id": 7, "push": target},
+                     {"hidden": hidden})
+        assert reply.kind == "output" and reply.header["pushed"] is False and reply.header["request_id"] == 7
+        assert reply.tensors["hidden"].shape == (1, 3, 576)
+    time.sleep(0.5)
+    with pytest.raises(BlockingIOError):
+        bait.accept()  # nobody connected
+    bait.close()
+
+
+def test_bad_pushes_are_refused_and_the_server_keeps_serving(swarm3):
+    second = next(s for s in swarm3.routes().servers if s.start == 10)
+    hidden = torch.randn(1, 2, 576)
+    with session_socket(second.url) as owner, connect(second.url.replace("http://", "ws://") + "/v1/push",
+                                                      compression=None) as pusher:
+        opened = call(owner, {"kind": "open", "start": 10, "end": 20, "max_length": 8}).header
+        session, key = opened["session"], opened["push_key"]
+        assert isinstance(key, str) and len(key) >= 16
+
+        pusher.send(b"not a frame")
+        assert wire.decode(pusher.recv(timeout=30)).header["code"] == "bad_request"
+        wrong_key = {"kind": "push", "session": session, "key": "x" * len(key), "request_id": 1, "position": 0}
+        pusher.send(wire.encode(wrong_key, {"hidden": hidden}))
+        refusal = wire.decode(pusher.recv(timeout=30)).header
+        assert refusal["code"] == "not_found" and "push key" in refusal["message"]
+
+        # the right key but a stale position: the client is told, on its own connection, for its request id
+        stale = {"kind": "push", "session": session, "key": key, "request_id": 5, "position": 3}
+        pusher.send(wire.encode(stale, {"hidden": hidden}))
+        error = wire.decode(owner.recv(timeout=30)).header
+        assert error["kind"] == "error" and error["request_id"] == 5 and "position 3" in error["message"]
+        bad_shape = {"kind": "push", "session": session, "key": key, "request_id": 6, "position": 0}
+        pusher.send(wire.encode(bad_shape, {"hidden": torch.randn(1, 2, 5)}))
+        assert wire.decode(owner.recv(timeout=30)).header["code"] == "bad_request"
+
+        good = {"kind": "push", "session": session, "key": key, "request_id": 8, "position": 0}
+        pusher.send(wire.encode(good, {"hidden": hidden}))
+        output = wire.decode(owner.recv(timeout=60))
+        assert output.kind == "output" and output.header["request_id"] == 8
+        assert output.tensors["hidden"].shape == (1, 2, 576)
+        # the session goes on from the pushed step, by the client's own steps too
+        step = call(owner, {"kind": "step", "session": session, "request_id": 9}, {"hidden": torch.randn(1, 1, 576)})
+        assert step.kind == "output" and step.header["request_id"] == 9
+    assert requests.get(f"{second.url}/healthz", timeout=10).status_code == 200
