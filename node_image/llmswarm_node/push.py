@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import aiohttp
 
@@ -27,6 +29,7 @@ from llmswarm.security import client_ssl_context
 log = logging.getLogger("llmswarm.node")
 
 REFRESH_SECONDS = 1.0  # an unknown URL re-reads the route map at most this often
+TRUST_SECONDS = 60.0  # a listed URL is checked against the route map again after this long
 DOWN_SECONDS = 10.0  # a server that could not be pushed to is not tried again for this long
 
 
@@ -41,12 +44,14 @@ class PeerDirectory:
         self._lock = asyncio.Lock()
 
     async def known(self, url: str) -> bool:
-        if url in self._urls:
+        fresh = time.monotonic() - self._read_at < TRUST_SECONDS
+        if url in self._urls and fresh:
             return True
         if self.route_map is None or self._http is None:
             return False
         async with self._lock:
-            if url not in self._urls and time.monotonic() - self._read_at >= REFRESH_SECONDS:
+            stale = time.monotonic() - self._read_at >= TRUST_SECONDS
+            if (url not in self._urls or stale) and time.monotonic() - self._read_at >= REFRESH_SECONDS:
                 self._read_at = time.monotonic()
                 try:
                     async with self._http.get(f"{self.route_map}/v1/routes") as response:
@@ -70,6 +75,7 @@ class Pusher:
         self._sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._down: dict[str, float] = {}  # url -> until when it is not tried (unreachable, refused us)
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     async def push(self, url: str, frame: bytes) -> bool:
         """Hand `frame` to the server at `url`; False where it could not be sent (the client then sends it)."""
@@ -100,7 +106,7 @@ class Pusher:
                 ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/push"
                 socket_ = await self._http.ws_connect(ws_url, autoping=True, heartbeat=None)
                 self._sockets[url] = socket_
-                asyncio.get_running_loop().create_task(self._read_refusals(url, socket_))
+                self._background(self._read_refusals(url, socket_))
             return socket_
 
     async def _read_refusals(self, url: str, socket_: aiohttp.ClientWebSocketResponse) -> None:
@@ -118,10 +124,18 @@ class Pusher:
     def _drop(self, url: str) -> None:
         socket_ = self._sockets.pop(url, None)
         if socket_ is not None and not socket_.closed:
-            asyncio.get_running_loop().create_task(socket_.close())
+            self._background(socket_.close())
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         for socket_ in list(self._sockets.values()):
             await socket_.close()
         self._sockets.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._http.close()
