@@ -11,11 +11,13 @@ with the same dtype on the same device, same prompt, same greedy decoding.
 Per setting it reports tokens/s of both, their ratio, the per-hop overhead
 ((swarm ms/token - local ms/token) / hops), the client-side time per hop step and the
 servers' own compute time per pass (their difference is what the transport costs), the
-client's local work per token (embedding, final norm, LM head: the client has no device
-option, so these run on the CPU in the setting's dtype), each server's ``/info`` and, where
+client's local work per token (embedding, final norm, LM head, on ``--client-device``: the
+servers' device unless told otherwise), each server's ``/info`` and, where
 ``nvidia-smi`` can see the server processes, their GPU memory. ``tokens_equal_to_local`` is
 the fraction of the 64 tokens equal position by position to the local output; for the
 quantized settings the local side is unquantized, so it is agreement, not correctness.
+For float32 it also trains through the swarm once from a client on the client device and
+once from a client on the CPU (prompt tuning: loss and prompt gradients must agree).
 
 Prints one JSON object (also written to --out). One failing setting records its error and
 the tail of its servers' logs; the others still run. Needs the project importable (as the
@@ -114,7 +116,7 @@ def local_baseline(folder: Path, dtype: str, ids: torch.Tensor, args: argparse.N
 
 def client_local_ms(model: DistributedModelForCausalLM, steps: int = 20) -> float:
     """The client's own work for one token (embedding, final norm, LM head), in its generate() thread setting."""
-    ids = torch.zeros(1, 1, dtype=torch.long)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     with torch.no_grad(), torch_threads(model.client.config.decode_threads):
         for _ in range(3):
             model.lm_head(model.final_norm(model.embed_inputs(ids)))
@@ -163,12 +165,13 @@ def swarm_run(folder: Path, dtype: str, ids: torch.Tensor, num_blocks: int, swar
     """Through the started `swarm`: ms per token, tokens, hops and the per-hop breakdown."""
     client_dtype = dtype if args.client_dtype == "match" else args.client_dtype
     model = DistributedModelForCausalLM.from_pretrained(str(folder), swarm=swarm.url, dtype=getattr(torch, client_dtype),
-                                                        wire_dtype=dtype, progress=False)
+                                                        wire_dtype=dtype, progress=False, device=args.client_device)
+    ids = ids.to(args.client_device)
     hops = len(model.client.chain(0, num_blocks))
     urls = [s.url for s in swarm.routes().servers]
-    greedy(model, ids, WARMUP_TOKENS, "cpu")
+    greedy(model, ids, WARMUP_TOKENS, args.client_device)
     hop_before, pass_before = hop_totals(model), histogram_totals(urls, "llmswarm_pass_seconds")
-    runs = [greedy(model, ids, args.new_tokens, "cpu") for _ in range(args.repeats)]
+    runs = [greedy(model, ids, args.new_tokens, args.client_device) for _ in range(args.repeats)]
     (hop_s, hop_n), (pass_s, pass_n) = hop_totals(model), histogram_totals(urls, "llmswarm_pass_seconds")
     hop_ms = 1000 * (hop_s - hop_before[0]) / max(hop_n - hop_before[1], 1)
     pass_ms = 1000 * (pass_s - pass_before[0]) / max(pass_n - pass_before[1], 1)
@@ -182,6 +185,23 @@ def swarm_run(folder: Path, dtype: str, ids: torch.Tensor, num_blocks: int, swar
         "client_dtype": client_dtype,
         "client_local_ms": client_local_ms(model),
     }
+
+
+def training_check(folder: Path, swarm: LocalSwarm, ids: torch.Tensor, device: str) -> dict[str, Any]:
+    """One prompt-tuning loss and its prompt gradients from a client on `device` and from one on the CPU."""
+    results = {}
+    for where in dict.fromkeys((device, "cpu")):
+        torch.manual_seed(0)
+        model = DistributedModelForCausalLM.from_pretrained(str(folder), swarm=swarm.url, progress=False,
+                                                            tuning_mode="ptune", pre_seq_len=4, device=where)
+        model.train()
+        loss = model(ids.to(where), labels=ids.to(where)).loss
+        loss.backward()
+        grad = model.prompt_embeddings.weight.grad
+        results[where] = (loss.item(), grad.detach().cpu(), str(grad.device))
+    (loss, grad, grad_device), (cpu_loss, cpu_grad, _) = results[device], results["cpu"]
+    return {"loss": round(loss, 6), "cpu_client_loss": round(cpu_loss, 6), "grad_device": grad_device,
+            "grad_max_abs_difference": float((grad - cpu_grad).abs().max()), "grad_norm": float(grad.norm())}
 
 
 def log_tails(swarm: LocalSwarm, chars: int = 1500) -> dict[str, str]:
@@ -204,6 +224,7 @@ def run_setting(folder: Path, setting: str, ids: torch.Tensor, num_blocks: int, 
         swarm.start()
         remote = swarm_run(folder, dtype, ids, num_blocks, swarm, args)
         servers = server_reports(swarm)
+        training = training_check(folder, swarm, ids, args.client_device) if setting == "float32/none" else None
     except Exception as error:  # noqa: BLE001 - reported in the JSON; the other settings still run
         return {"error": f"{type(error).__name__}: {error}"[:3000], "server_logs": log_tails(swarm),
                 "seconds": round(time.perf_counter() - began, 1)}
@@ -224,13 +245,14 @@ def run_setting(folder: Path, setting: str, ids: torch.Tensor, num_blocks: int, 
         "hop_ms": round(remote["hop_ms"], 3),
         "server_pass_ms": round(remote["server_pass_ms"], 3),
         "per_hop_transport_ms": round(remote["hop_ms"] - remote["server_pass_ms"], 3),
-        "client_device": "cpu",
+        "client_device": args.client_device,
         "client_dtype": remote["client_dtype"],
         "client_local_ms_per_token": round(remote["client_local_ms"], 3),
         "tokens_equal_to_local": round(agreement(remote["tokens"], local["tokens"]), 4),
         "compared_with": reference,
         "swarm_tokens_same_every_repeat": remote["stable"],
         "servers": servers,
+        **({"training": training} if training else {}),
         "seconds": round(time.perf_counter() - began, 1),
     }
 
@@ -249,7 +271,9 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=150.0, help="seconds for a swarm's servers to come online")
     parser.add_argument("--budget", type=float, default=200.0, help="start no new setting after this many seconds")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--client-device", help="device of the client's local parts (default: --device)")
     args = parser.parse_args()
+    args.client_device = args.client_device or args.device
     if args.device.startswith("cuda"):
         assert torch.cuda.is_available(), "--device cuda needs a CUDA GPU (use --device cpu for a dry run)"
     began = time.perf_counter()

@@ -127,13 +127,16 @@ class _DistributedModel(PreTrainedModel):
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         active_adapter: str | None = None,
+        device: str | torch.device | None = None,
         **model_kwargs: Any,
     ) -> Any:
         """Load the local part of `spec` and connect to the swarm's route map at `swarm`.
 
         `token` is the swarm token (default: $LLMSWARM_TOKEN); `tls_ca` a CA bundle to verify
         https servers with. `tuning_mode` ("ptune" or "deep_ptune") with `pre_seq_len` adds
-        trainable prompts; `active_adapter` selects a LoRA adapter the servers host.
+        trainable prompts; `active_adapter` selects a LoRA adapter the servers host. `device`
+        puts the local parts (embeddings, final norm, LM head, prompts) there, e.g. "cuda"
+        (``model.to(device)`` does the same); hidden states cross to the CPU only for the wire.
         """
         source = resolve(spec, progress=progress)
         config = copy.deepcopy(client_config) if client_config else ClientConfig()
@@ -157,6 +160,8 @@ class _DistributedModel(PreTrainedModel):
             tokenizer = None
         model = cls(source.config, local, client, tokenizer=tokenizer, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len,
                     adapter=active_adapter, **model_kwargs)
+        if device is not None:
+            model.to(device)
         return model.eval()
 
     def embed_inputs(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -182,8 +187,12 @@ class _DistributedModel(PreTrainedModel):
         """
         batch, new = inputs_embeds.shape[:2]
         prefix = self.pre_seq_len
+        device = inputs_embeds.device  # the client's own parts may run on a GPU; the wire takes CPU tensors
+        if attention_mask is not None:
+            attention_mask = attention_mask.cpu()
         if position_ids is None:
             position_ids = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)
+        position_ids = position_ids.cpu()
         hidden = inputs_embeds
         shallow, deep = self.prompts(batch)
         first_step = session is None or session.position == 0
@@ -195,16 +204,17 @@ class _DistributedModel(PreTrainedModel):
                 assert shallow is not None
                 hidden = torch.cat([shallow.to(hidden.dtype), hidden], dim=1)
                 position_ids = torch.cat([torch.arange(prefix).unsqueeze(0).expand(batch, -1), position_ids], dim=1)
-        hidden = self.embed_norm(hidden)
+        hidden = self.embed_norm(hidden).cpu()  # .cpu() and .to(device) are differentiable: gradients come back
         if session is not None:
             if deep is not None:
                 raise NotImplementedError("inference sessions do not carry deep prompts yet; use tuning_mode='ptune'")
-            output = self._session_step(session, hidden, attention_mask, position_ids)
+            output = self._session_step(session, hidden, attention_mask, position_ids).to(device)
             return output[:, prefix:] if prefix and first_step else output
         if torch.is_grad_enabled() or deep is not None:
-            output = remote_blocks(self.remote, hidden, attention_mask, position_ids, deep)
+            output = remote_blocks(self.remote, hidden, attention_mask, position_ids, None if deep is None else deep.cpu())
         else:
             output = self.remote.forward(hidden, attention_mask, position_ids)
+        output = output.to(device)
         return output[:, prefix:] if prefix else output
 
     def _session_step(self, session: InferenceSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -360,10 +370,10 @@ class DistributedModelForSequenceClassification(_DistributedModel):
             inputs_embeds = self.embed_inputs(input_ids)
         hidden = self.final_norm(self.run_blocks(inputs_embeds, attention_mask))
         if attention_mask is None:
-            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1)
+            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
         else:
-            last = attention_mask.long().sum(dim=1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0]), last]
+            last = attention_mask.long().sum(dim=1).to(hidden.device) - 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         logits = self.score(pooled)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -261,6 +261,8 @@ class SpanSession:
 
         A mask of all ones and the default positions (past, past + 1, ...) are left out: the
         server assumes exactly those, and each costs work on both sides of every hop."""
+        attention_mask = None if attention_mask is None else attention_mask.cpu()
+        position_ids = None if position_ids is None else position_ids.cpu()
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         if position_ids is not None and _default_positions(position_ids, self.position):
@@ -289,7 +291,7 @@ class SpanSession:
             raise ProtocolError("internal", f"server {self.server_id} returned a malformed output")
         self.position += hidden.shape[1]
         self.client.note_hop(self.server_id, time.perf_counter() - (self._sent_at if pushed_since is None else pushed_since))
-        return output.to(hidden.dtype), frame.header.get("pushed") is True
+        return output.to(hidden.device, hidden.dtype), frame.header.get("pushed") is True
 
     def close(self) -> None:
         try:
