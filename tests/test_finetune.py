@@ -106,6 +106,52 @@ def test_generation_with_trained_prompts_uses_them(swarm3, local_smollm2):
     assert out.tolist() == tokens.tolist()
 
 
+def test_generation_with_deep_prompts_through_sessions(swarm3):
+    """deep_ptune prompts steer generation through inference sessions: each server adds its blocks' prompts in
+    the session's first step (they live on in the cached prefix); greedy output equals generating without a
+    session, where every step is a stateless forward of the whole sequence with the deep prompts."""
+    torch.manual_seed(2)
+    model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm3.url, tuning_mode="deep_ptune", pre_seq_len=3,
+                                                        progress=False)
+    ids = chat_ids(model.tokenizer, "Name a color.")
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.intermediate_prompt_embeddings.weight.normal_(std=0.5)  # deep prompts start at zero: make them count
+        first_logits = model(ids).logits[:, -1]
+        model.intermediate_prompt_embeddings.weight.zero_()
+        assert not torch.allclose(first_logits, model(ids).logits[:, -1], atol=1e-3)  # they do change the output
+        torch.manual_seed(2)
+        model.intermediate_prompt_embeddings.weight.normal_(std=0.5)
+    through_sessions = model.generate(ids, **settings)
+    stateless = model.generate(ids, use_cache=False, **settings)
+    assert through_sessions.tolist() == stateless.tolist()
+
+
+def test_session_deep_prompts_are_checked(swarm3):
+    from websockets.sync.client import connect
+
+    from llmswarm import wire
+
+    server = next(s for s in swarm3.routes().servers if s.start == 0)
+    with connect(server.url.replace("http://", "ws://") + "/v1/session", compression=None) as sock:
+        def call(header, tensors=None):
+            sock.send(wire.encode(header, tensors))
+            return wire.decode(sock.recv(timeout=60)).header
+
+        session = call({"kind": "open", "start": 0, "end": 10, "max_length": 16})["session"]
+        hidden = torch.randn(1, 4, 576)
+        wrong_blocks = call({"kind": "step", "session": session}, {"hidden": hidden, "prompts": torch.randn(9, 1, 2, 576)})
+        assert wrong_blocks["code"] == "bad_request" and "'prompts' must be" in wrong_blocks["message"]
+        too_long = call({"kind": "step", "session": session}, {"hidden": hidden, "prompts": torch.randn(10, 1, 5, 576)})
+        assert too_long["code"] == "bad_request"
+        assert call({"kind": "step", "session": session},
+                    {"hidden": hidden, "prompts": torch.randn(10, 1, 2, 576)})["kind"] == "output"
+        later = call({"kind": "step", "session": session},
+                     {"hidden": torch.randn(1, 1, 576), "prompts": torch.randn(10, 1, 1, 576)})
+        assert later["code"] == "bad_request" and "first step only" in later["message"]
+        assert call({"kind": "step", "session": session}, {"hidden": torch.randn(1, 1, 576)})["kind"] == "output"
+
+
 def test_sequence_classification_head_trains(swarm3):
     torch.manual_seed(0)
     model = DistributedModelForSequenceClassification.from_pretrained("smollm2", swarm=swarm3.url, tuning_mode="ptune",

@@ -206,9 +206,10 @@ class _DistributedModel(PreTrainedModel):
                 position_ids = torch.cat([torch.arange(prefix).unsqueeze(0).expand(batch, -1), position_ids], dim=1)
         hidden = self.embed_norm(hidden).cpu()  # .cpu() and .to(device) are differentiable: gradients come back
         if session is not None:
-            if deep is not None:
-                raise NotImplementedError("inference sessions do not carry deep prompts yet; use tuning_mode='ptune'")
-            output = self._session_step(session, hidden, attention_mask, position_ids).to(device)
+            if deep is not None and first_step:  # deep prompts shape the first step's cached prefix, alone
+                output = session.step(hidden, attention_mask, position_ids, prompts=deep.detach().cpu()).to(device)
+            else:
+                output = self._session_step(session, hidden, attention_mask, position_ids).to(device)
             return output[:, prefix:] if prefix and first_step else output
         if torch.is_grad_enabled() or deep is not None:
             output = remote_blocks(self.remote, hidden, attention_mask, position_ids, None if deep is None else deep.cpu())

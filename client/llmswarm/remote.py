@@ -251,13 +251,15 @@ class SpanSession:
         return frame
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-             position_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.receive_step(self.send_step(hidden, attention_mask, position_ids), hidden)
+             position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        return self.receive_step(self.send_step(hidden, attention_mask, position_ids, prompts=prompts), hidden)
 
     def send_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                  push: dict[str, object] | None = None, request_id: int | None = None) -> int:
+                  push: dict[str, object] | None = None, request_id: int | None = None,
+                  prompts: torch.Tensor | None = None) -> int:
         """Send a step without waiting for its output (see receive_step); returns the request id.
-        With `push` (a push_target), the server hands its output on to the next server too.
+        With `push` (a push_target), the server hands its output on to the next server too; `prompts`
+        ([this span's blocks, batch, prefix, hidden]) are deep prompts, with a session's first step only.
 
         A mask of all ones and the default positions (past, past + 1, ...) are left out: the
         server assumes exactly those, and each costs work on both sides of every hop."""
@@ -272,6 +274,8 @@ class SpanSession:
             tensors["attention_mask"] = attention_mask.to(torch.int64)
         if position_ids is not None:
             tensors["position_ids"] = position_ids.to(torch.int64)
+        if prompts is not None:
+            tensors["prompts"] = prompts.detach().to(DTYPES[self.client.config.wire_dtype])
         self._sent_at = time.perf_counter()
         header: dict[str, object] = {"kind": "step", "session": self.session}
         if push is not None:
@@ -326,6 +330,7 @@ class InferenceSession:
         self._spans: list[SpanSession] = []
         self._history: list[_History] = []
         self._masks: list[torch.Tensor | None] = []
+        self._prompts: torch.Tensor | None = None  # deep prompts [blocks, batch, prefix, hidden] of the first step
         self._closed = False
         self._spans, self._history = self._open_chain(0, num_blocks, exclude=())
 
@@ -372,11 +377,23 @@ class InferenceSession:
         return [(s.server_id, s.start, s.end) for s in self._spans]
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+             position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """`prompts`: deep prompts [every block, batch, prefix, hidden] (deep prompt tuning), with the first step
+        only: each block adds its prompt to the first `prefix` positions, whose cached keys and values keep them."""
         self._check_step(hidden)
+        if prompts is not None:
+            if self.position != 0:
+                raise SwarmError("deep prompts come with a session's first step only")
+            if prompts.shape[0] != self.num_blocks:
+                raise SwarmError(f"deep prompts are for {prompts.shape[0]} blocks, the model has {self.num_blocks}")
+            self._prompts = prompts.detach().cpu()
         output = self._advance(0, hidden, attention_mask, position_ids)
         self._finish_step(hidden, attention_mask)
         return output
+
+    def _span_prompts(self, span: SpanSession, step: int) -> torch.Tensor | None:
+        """The deep prompts of `span`'s blocks for the session's step number `step` (the first step only)."""
+        return self._prompts[span.start:span.end] if self._prompts is not None and step == 0 else None
 
     def _check_step(self, hidden: torch.Tensor) -> None:
         if self._closed:
@@ -394,11 +411,13 @@ class InferenceSession:
                     raise failure
                 self._replace(index, failure)
                 failure = None
-            if self._can_push(index):
+            step = len(self._masks)
+            if self._can_push(index) and self._span_prompts(self._spans[index], step) is None:
                 hidden, index, failure = self._pushed(index, hidden, attention_mask, position_ids)
                 continue
             try:
-                output = self._spans[index].step(hidden, attention_mask, position_ids)
+                span = self._spans[index]
+                output = span.step(hidden, attention_mask, position_ids, self._span_prompts(span, step))
             except (*_TRANSPORT_ERRORS, ProtocolError) as error:
                 failure = error
                 continue
@@ -464,7 +483,7 @@ class InferenceSession:
                 for span, own in zip(spans, histories, strict=True):
                     outputs = []
                     for step, (hidden, positions) in enumerate(zip(inputs, history.positions, strict=True)):
-                        outputs.append(span.step(hidden, self._masks[step], positions))
+                        outputs.append(span.step(hidden, self._masks[step], positions, self._span_prompts(span, step)))
                         own.hidden.append(hidden)
                         own.positions.append(positions)
                     inputs = outputs

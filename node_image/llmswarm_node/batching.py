@@ -24,13 +24,15 @@ from llmswarm_node.span import SpanModel
 
 @dataclass
 class StepInput:
-    """One session's step: hidden [b, t, h], mask [b, past + t] or None, positions [b, t] or None."""
+    """One session's step: hidden [b, t, h], mask [b, past + t] or None, positions [b, t] or None,
+    deep prompts [blocks, b, prefix, h] or None (a session's first step only; such a step runs alone)."""
 
     cache: DynamicCache
     past: int
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
+    prompts: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -60,7 +62,10 @@ def run_steps(span: SpanModel, start: int, end: int, steps: list[StepInput], ada
     """Run steps with the same number of new tokens (and adapter) through blocks [start, end) in one pass."""
     if len(steps) == 1:
         step = steps[0]
-        return [span.forward(step.hidden, step.attention_mask, step.position_ids, step.cache, start, end, adapter=adapter)]
+        return [span.forward(step.hidden, step.attention_mask, step.position_ids, step.cache, start, end, step.prompts,
+                             adapter=adapter)]
+    if any(s.prompts is not None for s in steps):
+        raise ValueError("a step with deep prompts runs alone")
     new = steps[0].new_tokens
     if any(s.new_tokens != new for s in steps):
         raise ValueError("steps in one pass must have the same number of new tokens")

@@ -67,8 +67,14 @@ class _Work:
 @dataclass
 class _Step(_Work):
     session: Session | None = None
+    prompts: torch.Tensor | None = None  # deep prompts of a session's first step: it runs alone
     done: int = 0  # new tokens already run (long steps run in chunks)
     pieces: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def batchable(self) -> bool:
+        assert self.session is not None
+        return self.prompts is None and batchable(self.session.cache)
 
     @property
     def key(self) -> tuple[int, int, int, str | None]:
@@ -83,7 +89,8 @@ class _Step(_Work):
         positions = None if self.position_ids is None else self.position_ids[:, self.done:stop]
         if positions is None and stop - self.done < self.hidden.shape[1]:
             positions = torch.arange(past, past + stop - self.done).unsqueeze(0).expand(self.hidden.shape[0], -1)
-        return StepInput(self.session.cache, past, self.hidden[:, self.done:stop], mask, positions)
+        return StepInput(self.session.cache, past, self.hidden[:, self.done:stop], mask, positions,
+                         self.prompts if self.done == 0 else None)
 
 
 @dataclass
@@ -128,9 +135,9 @@ class Scheduler:
             return len(self._steps) + len(self._forwards)
 
     def step(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-             position_ids: torch.Tensor | None) -> asyncio.Future[torch.Tensor]:
+             position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None) -> asyncio.Future[torch.Tensor]:
         loop = asyncio.get_running_loop()
-        work = _Step(loop, loop.create_future(), hidden, attention_mask, position_ids, session=session)
+        work = _Step(loop, loop.create_future(), hidden, attention_mask, position_ids, session=session, prompts=prompts)
         with self._cond:
             inline = self._alone(work)
             if inline:
@@ -227,11 +234,11 @@ class Scheduler:
                 continue
             b, t = step.hidden.shape[:2]
             if group and (rows + b > self.options.max_batch_rows or tokens + b * t > self.options.max_batch_tokens
-                          or not batchable(step.session.cache)):  # type: ignore[union-attr]
+                          or not step.batchable):
                 continue
             group.append(step)
             rows, tokens = rows + b, tokens + b * t
-            if not batchable(step.session.cache):  # type: ignore[union-attr]
+            if not step.batchable:
                 break
         for step in group:
             self._steps.remove(step)

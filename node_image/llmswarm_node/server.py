@@ -393,10 +393,11 @@ class BlockServer:
         try:
             session.note_step(time.monotonic())
             hidden, mask, positions = self._inputs(
-                tensors, session.batch_size, session.position, session.max_length - session.position
+                tensors, session.batch_size, session.position, session.max_length - session.position, extra=("prompts",)
             )
+            prompts = self._session_prompts(tensors.get("prompts"), session, hidden)
             try:
-                output = await self.scheduler.step(session, hidden, mask, positions)
+                output = await self.scheduler.step(session, hidden, mask, positions, prompts)
             except Exception:
                 self._drop_broken(session)
                 raise
@@ -409,6 +410,22 @@ class BlockServer:
             header["pushed"] = await self._push(push, output, mask, positions)
         asyncio.get_running_loop().call_soon(self.metrics.tokens.labels("inference").inc, hidden.shape[0] * hidden.shape[1])
         return wire.encode(header, {"hidden": output})
+
+    def _session_prompts(self, prompts: torch.Tensor | None, session: Session, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Deep prompts of a session's first step: [its blocks, batch, prefix, hidden], prefix within the step (and within
+        the first prefill chunk); they shape the cached keys and values of the first `prefix` positions for good."""
+        if prompts is None:
+            return None
+        if session.position != 0:
+            raise ProtocolError("bad_request", "deep prompts come with a session's first step only")
+        b, t, h = hidden.shape
+        limit = min(t, self.options.batching.prefill_chunk)
+        if prompts.dtype not in (torch.float32, torch.float16, torch.bfloat16) or prompts.ndim != 4 or \
+                list(prompts.shape[:2]) != [session.end - session.start, b] or prompts.shape[3] != h or \
+                not 0 < prompts.shape[2] <= limit:
+            raise ProtocolError("bad_request", f"'prompts' must be a float tensor [{session.end - session.start}, {b}, "
+                                               f"prefix<={limit}, {h}], got {prompts.dtype} {list(prompts.shape)}")
+        return prompts
 
     async def _push(self, target: wire.PushTarget, output: torch.Tensor, mask: torch.Tensor | None,
                     positions: torch.Tensor | None) -> bool:
