@@ -31,6 +31,7 @@ from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 from llmswarm.arch import Architecture, span_config
 from llmswarm.source import ModelDir, load_state
+from llmswarm_node.hugepages import pack_in_huge_pages
 
 
 class SpanModel:
@@ -67,6 +68,8 @@ class SpanModel:
         if self.device.type != "cpu":
             self.base.to(self.device)
         self.base.eval().requires_grad_(False)
+        # float weights on the CPU: one huge-page mapping (hugepages.py); quantized ones keep bitsandbytes' own storage
+        self._weight_pages = pack_in_huge_pages(self.base) if self.device.type == "cpu" and quantization == "none" else None
         _release_freed_memory()
         self._accepts_position_ids = "position_ids" in inspect.signature(self.base.forward).parameters
         self._views: dict[tuple[int, int], nn.Module] = {(start, end): self.base}
@@ -95,6 +98,8 @@ class SpanModel:
         # Keep the config the model was built with: it carries the attention implementation
         # (sdpa, eager...) that the mask must be built for.
         setattr(base, self.arch.final_norm, nn.Identity())
+        with torch.no_grad():  # the one-token embedding is never used: zeros, not uninitialized memory (weights_digest)
+            getattr(base, self.arch.embed).weight.zero_()
         if self.arch.embed_norm is not None:
             setattr(base, self.arch.embed_norm, nn.Identity())
         return base
