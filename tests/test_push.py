@@ -139,3 +139,30 @@ def test_bad_pushes_are_refused_and_the_server_keeps_serving(swarm3):
         step = call(owner, {"kind": "step", "session": session, "request_id": 9}, {"hidden": torch.randn(1, 1, 576)})
         assert step.kind == "output" and step.header["request_id"] == 9
     assert requests.get(f"{second.url}/healthz", timeout=10).status_code == 200
+
+
+def test_pushed_steps_of_separate_clients_share_passes(swarm3, local_smollm2):
+    """Four clients that do not group their steps (separate models): all their steps reach the middle server by
+    push over one connection from the first server, and must still be free to share its passes."""
+    import threading
+
+    models = [DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm3.url, progress=False) for _ in range(4)]
+    ids = chat_ids(models[0].tokenizer, "Why is the sky blue?")
+    middle = next(s for s in swarm3.routes().servers if s.start == 10)
+
+    def passes() -> tuple[float, float]:
+        text = requests.get(f"{middle.url}/metrics", timeout=10).text
+        return (metric_total(text, "llmswarm_batch_size_sum", kind="inference"),
+                metric_total(text, "llmswarm_batch_size_count", kind="inference"))
+
+    outputs: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(i, greedy(models[i], ids, 32))) for i in range(4)]
+    rows_before, passes_before = passes()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rows, count = passes()
+    expected = greedy(local_smollm2, ids, 32)
+    assert all(torch.equal(outputs[i], expected) for i in range(4))
+    assert (rows - rows_before) / (count - passes_before) > 1.2  # one pass per step would be exactly 1

@@ -445,13 +445,23 @@ class BlockServer:
         """Steps handed over by the previous server of a client's chain; their replies go to the client."""
         socket_ = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + 64 * 1024)
         await socket_.prepare(request)
+        running: set[asyncio.Task[None]] = set()
         async for message in socket_:
             if message.type != aiohttp.WSMsgType.BINARY:
                 break
-            refusal = await self._pushed_step(message.data)
-            if refusal is not None:
-                await socket_.send_bytes(refusal)
+            # One task each: steps of different sessions arrive on the same connection from the same server,
+            # and must be free to share a pass (or to wait) here instead of queueing behind each other.
+            task = asyncio.create_task(self._answer_push(socket_, message.data))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
         return socket_
+
+    async def _answer_push(self, socket_: web.WebSocketResponse, data: bytes) -> None:
+        refusal = await self._pushed_step(data)
+        if refusal is not None and not socket_.closed:
+            await socket_.send_bytes(refusal)
 
     async def _pushed_step(self, data: bytes) -> bytes | None:
         """Run a pushed step and answer its client; returns a refusal for the pusher where no client can be told."""
