@@ -7,7 +7,7 @@ in the same run. Prints one JSON object:
 
     {"swarm_tok_s": {"1": ..., "4": ..., "16": ..., "32": ...}, "local_tok_s": {...}, ...}
 
-    python bench/concurrency.py [--new-tokens 32] [--sessions 1,4,16]
+    python bench/concurrency.py [--new-tokens 32] [--sessions 1,4,16] [--no-push]
 """
 
 from __future__ import annotations
@@ -55,14 +55,15 @@ def local_part(sessions: list[int], new_tokens: int) -> dict[str, float]:
     return result
 
 
-def swarm_part(sessions: list[int], new_tokens: int) -> dict[str, object]:
-    from llmswarm import DistributedModelForCausalLM
+def swarm_part(sessions: list[int], new_tokens: int, push: bool = True) -> dict[str, object]:
+    from llmswarm import ClientConfig, DistributedModelForCausalLM
     from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
 
     result: dict[str, float] = {}
     mean_batch: dict[str, float] = {}
     with LocalSwarm(LocalSwarmOptions(model="smollm2", servers=3, port=0, progress=False)) as swarm:
-        model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm.url, progress=False)
+        model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm.url, progress=False,
+                                                            client_config=ClientConfig(push=push))
         urls = [s.url for s in swarm.routes().servers]
         tokenizer = model.tokenizer
         for n in sessions:
@@ -97,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--sessions", default="1,4,16,32")
+    parser.add_argument("--no-push", dest="push", action="store_false",
+                        help="the client carries every hop itself (no server-to-server push), to measure push's effect")
     parser.add_argument("--part", choices=("local", "swarm"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sessions = [int(n) for n in args.sessions.split(",")]
@@ -104,11 +107,12 @@ def main() -> None:
         print(json.dumps(local_part(sessions, args.new_tokens)))
         return
     if args.part == "swarm":
-        print(json.dumps(swarm_part(sessions, args.new_tokens)))
+        print(json.dumps(swarm_part(sessions, args.new_tokens, args.push)))
         return
 
     def part(name: str, env: dict[str, str]) -> dict:
-        command = [sys.executable, __file__, "--part", name, "--new-tokens", str(args.new_tokens), "--sessions", args.sessions]
+        command = [sys.executable, __file__, "--part", name, "--new-tokens", str(args.new_tokens), "--sessions", args.sessions,
+                   *([] if args.push else ["--no-push"])]
         out = subprocess.run(command, env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -118,6 +122,7 @@ def main() -> None:
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct",
         "servers": 3,
+        "push": args.push,
         "new_tokens": args.new_tokens,
         "swarm_tok_s": {k: round(v, 2) for k, v in swarm["tok_s"].items()},
         "local_tok_s": {k: round(v, 2) for k, v in local.items()},

@@ -19,7 +19,7 @@ Per hop, two numbers:
   output, minus the server's own compute time for that step (``llmswarm_pass_seconds``):
   what the network path costs (encode, send, receive, decode, hand-offs), without compute.
 
-    python bench/generate.py [--threads N] [--new-tokens 64] [--repeats 5]
+    python bench/generate.py [--threads N] [--new-tokens 64] [--repeats 5] [--no-push]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from swarm_metrics import histogram_totals
 from transformers import AutoModelForCausalLM
 
-from llmswarm import DistributedModelForCausalLM
+from llmswarm import ClientConfig, DistributedModelForCausalLM
 from llmswarm.source import resolve
 from llmswarm.threads import shared_cores_env
 from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
@@ -78,7 +78,8 @@ def worker(args: argparse.Namespace) -> None:
     else:
         options = LocalSwarmOptions(model="smollm2", servers=args.servers, port=0, threads=args.threads, progress=False)
         swarm = LocalSwarm(options).start()
-        model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm.url, progress=False)
+        model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm.url, progress=False,
+                                                            client_config=ClientConfig(push=args.push))
     urls = [s.url for s in swarm.routes().servers] if swarm else []
     timed_generate(model, ids, 8)  # warm up
     print(json.dumps({"ready": True, "hops": len(model.client.chain(0, source.num_blocks)) if swarm else 0}), flush=True)
@@ -106,7 +107,7 @@ def worker(args: argparse.Namespace) -> None:
 class Side:
     def __init__(self, part: str, args: argparse.Namespace, env: dict[str, str]) -> None:
         command = [sys.executable, __file__, "--part", part, "--threads", str(args.threads), "--new-tokens",
-                   str(args.new_tokens), "--servers", str(args.servers)]
+                   str(args.new_tokens), "--servers", str(args.servers), *([] if args.push else ["--no-push"])]
         self.process = subprocess.Popen(command, env={**os.environ, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True)
         self.hello = self.read()
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--servers", type=int, default=3)
+    parser.add_argument("--no-push", dest="push", action="store_false",
+                        help="the client carries every hop itself (no server-to-server push), to measure push's effect")
     parser.add_argument("--part", choices=("local", "swarm"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:
@@ -165,6 +168,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct",
         "threads": args.threads,
         "servers": args.servers,
+        "push": args.push,
         "hops": hops,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,

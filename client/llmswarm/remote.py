@@ -431,31 +431,17 @@ class InferenceSession:
 
     def _pushed(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None) -> tuple[torch.Tensor, int, Exception | None]:
-        """Send a step to hop `index` with the rest of the chain; each server pushes its output to the next and
-        answers here. Returns (hidden states reached, the hop they are for, the error that hop failed with).
-
-        A server that could not push says so; the client then sends that output on itself. When a hop
-        fails, the hops after it may or may not have been handed this step: their sessions start over
-        (replayed on the same or other servers), so no cache ever holds a step twice."""
-        spans = self._spans[index:]
-        request_ids = [0] + [span.reserve_request() for span in spans[1:]]
-        targets: list[dict[str, object] | None] = [None] * (len(spans) + 1)
-        for k in range(len(spans) - 1, 0, -1):
-            targets[k] = spans[k].push_target(request_ids[k], targets[k + 1])
-        pushed, since = False, None
-        for k, span in enumerate(spans):
-            try:
-                if not pushed:
-                    request_ids[k] = span.send_step(hidden, attention_mask, position_ids, targets[k + 1],
-                                                    request_ids[k] or None)
-                output, pushed = span.receive_output(request_ids[k], hidden, since if pushed else None)
-            except (*_TRANSPORT_ERRORS, ProtocolError) as error:
-                for later in reversed(range(index + k + 1, len(self._spans))):  # a replaced hop may become several
-                    self._replace(later, error, ban=False)
-                return hidden, index + k, error
-            since = time.perf_counter()
-            hidden = self._record(index + k, hidden, output, position_ids)
-        return hidden, index + len(spans), None
+        """Send a step to hop `index` with the rest of the chain (see _PushedStep). Returns (hidden states
+        reached, the hop they are for, the error that hop failed with)."""
+        run = _PushedStep(self, index, hidden, attention_mask, position_ids)
+        try:
+            run.send()
+            while not run.done:
+                run.receive()
+        except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+            run.abandon()
+            return run.hidden, run.index, error
+        return run.hidden, run.index, None
 
     def _record(self, index: int, hidden: torch.Tensor, output: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         self._history[index].hidden.append(hidden)
@@ -510,6 +496,55 @@ class InferenceSession:
         self.close()
 
 
+class _PushedStep:
+    """One session's step from hop `index` on: sent to that hop with the rest of the chain, each server
+    pushes its output to the next and answers the client, which reads every hop's output in turn.
+
+    A server that could not push says so; the client then sends that output on itself. When a hop
+    fails, the hops after it may or may not have been handed this step: abandon() starts their
+    sessions over (replayed on the same or other servers), so no cache ever holds a step twice."""
+
+    def __init__(self, session: InferenceSession, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None) -> None:
+        self.session, self.index, self.hidden = session, index, hidden
+        self.attention_mask, self.position_ids = attention_mask, position_ids
+        spans = session._spans[index:]
+        self._spans = spans
+        self._request_ids = [0] + [span.reserve_request() for span in spans[1:]]
+        self._targets: list[dict[str, object] | None] = [None] * (len(spans) + 1)
+        for k in range(len(spans) - 1, 0, -1):
+            self._targets[k] = spans[k].push_target(self._request_ids[k], self._targets[k + 1])
+        self._k = 0  # the hop whose output comes next
+        self.pushed = False  # the previous hop pushed its output to hop _k
+        self._since = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self._k == len(self._spans)
+
+    def send(self) -> None:
+        """Send hop _k its input (the first hop, or one the previous server could not push to)."""
+        k = self._k
+        self._request_ids[k] = self._spans[k].send_step(self.hidden, self.attention_mask, self.position_ids,
+                                                        self._targets[k + 1], self._request_ids[k] or None)
+
+    def receive(self) -> None:
+        """Read hop _k's output; send the next hop its input where this server did not push it."""
+        k = self._k
+        output, pushed = self._spans[k].receive_output(self._request_ids[k], self.hidden, self._since if self.pushed else None)
+        self._since = time.perf_counter()
+        self.hidden = self.session._record(self.index, self.hidden, output, self.position_ids)
+        self.index, self._k, self.pushed = self.index + 1, k + 1, pushed
+        if not self.done and not pushed:
+            self.send()
+
+    def abandon(self) -> None:
+        """Hop `index` failed: restart the sessions after it (they may hold this step or not)."""
+        spans = self.session._spans
+        for later in reversed(range(self.index + 1, len(spans))):  # a replaced hop may become several
+            self.session._replace(later, RuntimeError("an earlier hop failed during a pushed step"), ban=False)
+
+
 @dataclass
 class SessionStep:
     """One session's step, for step_together()."""
@@ -528,7 +563,8 @@ def step_together(steps: list[SessionStep]) -> list[torch.Tensor | BaseException
     """Steps of many sessions, driven hop by hop together from this thread.
 
     At each hop every session's step is sent before any output is awaited, so steps that
-    go to the same server arrive together and share one pass there. A session whose server
+    go to the same server arrive together and share one pass there (with push, the servers
+    hand them on together; this thread sends only the first hop and reads the outputs). A session whose server
     fails leaves the group and finishes its step alone (failover and replay as in
     InferenceSession.step). Returns each step's output, or the error it ended with.
     """
@@ -549,6 +585,9 @@ def step_together(steps: list[SessionStep]) -> list[torch.Tensor | BaseException
     index = [0] * len(steps)
     failed: dict[int, Exception] = {}  # session -> the error its hop ended with
     active = [i for i, r in enumerate(results) if r is None and index[i] < len(steps[i].session._spans)]
+    if active and all(steps[i].session._can_push(0) for i in active):
+        _push_together(steps, active, hidden, index, failed)
+        active = []
     while active:
         sent: list[tuple[int, int]] = []
         for i in active:
@@ -578,6 +617,34 @@ def step_together(steps: list[SessionStep]) -> list[torch.Tensor | BaseException
             step.session._finish_step(step.hidden, step.attention_mask)
             results[i] = hidden[i]
     return results  # type: ignore[return-value]
+
+
+def _push_together(steps: list[SessionStep], active: list[int], hidden: list[torch.Tensor], index: list[int],
+                   failed: dict[int, Exception]) -> None:
+    """step_together() where every server can push: each session's step goes to its first server, the servers
+    push it along (a server's pass serves every session whose step reached it), and this thread reads the
+    outputs hop by hop. Fills `hidden` and `index` (how far each got) and `failed`."""
+    runs: dict[int, _PushedStep] = {}
+    for i in active:
+        step = steps[i]
+        run = _PushedStep(step.session, 0, hidden[i], step.attention_mask, step.position_ids)
+        try:
+            run.send()
+        except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+            run.abandon()
+            failed[i] = error
+            continue
+        runs[i] = run
+    while runs:
+        for i, run in list(runs.items()):
+            try:
+                run.receive()
+            except (*_TRANSPORT_ERRORS, ProtocolError) as error:
+                run.abandon()
+                failed[i] = error
+            if run.done or i in failed:
+                hidden[i], index[i] = run.hidden, run.index
+                del runs[i]
 
 
 @dataclass
