@@ -488,7 +488,7 @@ class BlockServer:
             reply = wire.encode({**ProtocolError("internal", f"{type(error).__name__}: {error}").to_header(),
                                  "request_id": req.request_id})
         self._count_later("step", status, began)
-        self.metrics.pushes_received.labels(status).inc()
+        asyncio.get_running_loop().call_soon(lambda: self.metrics.pushes_received.labels(status).inc())  # after the reply
         if client is not None and not client.closed:
             try:
                 await client.send_bytes(reply)
