@@ -33,6 +33,12 @@ def in_threads(coalescer: Coalescer, works: list[int], companions: int) -> dict[
     return results
 
 
+def test_a_lone_threads_error_is_raised_not_returned():
+    coalescer = Coalescer(doubled, key=lambda w: 0)
+    with pytest.raises(ValueError, match="bad -1"):
+        coalescer(-1, companions=1)
+
+
 def test_a_lone_thread_runs_at_once():
     coalescer = Coalescer(doubled, key=lambda w: 0, max_wait=10.0)
     began = time.monotonic()

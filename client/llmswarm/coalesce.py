@@ -57,7 +57,10 @@ class Coalescer(Generic[T, R]):
     def __call__(self, work: T, companions: int) -> R:
         """The result for `work`; `companions` is how many threads might join (including this one)."""
         if companions <= 1:
-            return self._run([work])[0]
+            result = self._run([work])[0]
+            if isinstance(result, BaseException):  # a work's own error, as a leader hands it to each thread
+                raise result
+            return result
         item: _Item[T, R] = _Item(work)
         with self._cond:
             self._pending.append(item)
