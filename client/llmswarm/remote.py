@@ -564,16 +564,10 @@ def step_together(steps: list[SessionStep]) -> list[torch.Tensor | BaseException
 
     At each hop every session's step is sent before any output is awaited, so steps that
     go to the same server arrive together and share one pass there (with push, the servers
-    hand them on together; this thread sends only the first hop and reads the outputs). A session whose server
-    fails leaves the group and finishes its step alone (failover and replay as in
-    InferenceSession.step). Returns each step's output, or the error it ended with.
+    hand them on together; this thread sends only the first hop and reads the outputs). A
+    session whose server fails leaves the group and finishes its step alone (failover and
+    replay as in InferenceSession.step). Returns each step's output, or the error it ended with.
     """
-    if len(steps) == 1:  # alone: the servers push the step along the chain (InferenceSession.step)
-        step = steps[0]
-        try:
-            return [step.session.step(step.hidden, step.attention_mask, step.position_ids)]
-        except BaseException as error:  # noqa: BLE001 - handed to the step's own thread
-            return [error]
     results: list[torch.Tensor | BaseException | None] = [None] * len(steps)
     hidden: list[torch.Tensor] = []
     for i, step in enumerate(steps):
