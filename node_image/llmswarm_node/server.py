@@ -239,16 +239,15 @@ class BlockServer:
         if adapter is not None and adapter not in self.span.adapters:
             raise ProtocolError("bad_request", f"unknown adapter {adapter!r}; this server has {sorted(self.span.adapters)}")
 
-    def _prompts(self, tensors: dict[str, torch.Tensor], req: wire.ForwardRequest | wire.BackwardRequest,
-                 hidden: torch.Tensor) -> torch.Tensor | None:
-        """Deep prompts: [blocks of the request, batch, prefix <= tokens, hidden]."""
-        prompts = tensors.get("prompts")
+    @staticmethod
+    def _prompts(prompts: torch.Tensor | None, blocks: int, hidden: torch.Tensor, longest: int) -> torch.Tensor | None:
+        """Deep prompts: [blocks, batch, prefix, hidden] with 0 < prefix <= `longest`."""
         if prompts is None:
             return None
-        b, t, h = hidden.shape
+        b, _, h = hidden.shape
         if prompts.dtype not in (torch.float32, torch.float16, torch.bfloat16) or prompts.ndim != 4 or \
-                list(prompts.shape[:2]) != [req.end - req.start, b] or prompts.shape[3] != h or not 0 < prompts.shape[2] <= t:
-            raise ProtocolError("bad_request", f"'prompts' must be a float tensor [{req.end - req.start}, {b}, prefix<={t}, {h}], "
+                list(prompts.shape[:2]) != [blocks, b] or prompts.shape[3] != h or not 0 < prompts.shape[2] <= longest:
+            raise ProtocolError("bad_request", f"'prompts' must be a float tensor [{blocks}, {b}, prefix<={longest}, {h}], "
                                                f"got {prompts.dtype} {list(prompts.shape)}")
         return prompts
 
@@ -271,7 +270,7 @@ class BlockServer:
             self._check_adapter(req.adapter)
             extra = ("prompts", "grad_output") if kind == "backward" else ("prompts",)
             hidden, mask, positions = self._inputs(frame.tensors, None, 0, self.limits.max_length, extra)
-            prompts = self._prompts(frame.tensors, req, hidden)
+            prompts = self._prompts(frame.tensors.get("prompts"), req.end - req.start, hidden, hidden.shape[1])
             out_dtype = DTYPES[req.wire_dtype]
             if kind == "backward":
                 grad_output = frame.tensors.get("grad_output")
@@ -351,13 +350,10 @@ class BlockServer:
                 reply = wire.encode({"kind": "closed", "session": req.session, "request_id": req.request_id})
             self._count_later(kind, "ok", began)
             return reply
-        except ProtocolError as error:
-            self._count_later(kind, error.code, began)
-            return wire.encode({**error.to_header(), "request_id": _request_id(data)})
-        except Exception as error:
-            log.exception("%s failed", kind)
-            self._count_later(kind, "internal", began)
-            return wire.encode(ProtocolError("internal", f"{type(error).__name__}: {error}").to_header())
+        except Exception as error:  # noqa: BLE001 - answered as an error frame; the connection goes on
+            reply, status = _error_reply(error, _request_id(data), kind)
+            self._count_later(kind, status, began)
+            return reply
 
     def _count_later(self, kind: str, status: str, began: float) -> None:
         """Metrics of a session message, updated once its reply is on its way (not on every hop's critical path)."""
@@ -412,20 +408,12 @@ class BlockServer:
         return wire.encode(header, {"hidden": output})
 
     def _session_prompts(self, prompts: torch.Tensor | None, session: Session, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Deep prompts of a session's first step: [its blocks, batch, prefix, hidden], prefix within the step (and within
-        the first prefill chunk); they shape the cached keys and values of the first `prefix` positions for good."""
-        if prompts is None:
-            return None
-        if session.position != 0:
+        """Deep prompts of a session's first step, prefix within the step and its first prefill chunk; they shape
+        the cached keys and values of the first `prefix` positions for good."""
+        if prompts is not None and session.position != 0:
             raise ProtocolError("bad_request", "deep prompts come with a session's first step only")
-        b, t, h = hidden.shape
-        limit = min(t, self.options.batching.prefill_chunk)
-        if prompts.dtype not in (torch.float32, torch.float16, torch.bfloat16) or prompts.ndim != 4 or \
-                list(prompts.shape[:2]) != [session.end - session.start, b] or prompts.shape[3] != h or \
-                not 0 < prompts.shape[2] <= limit:
-            raise ProtocolError("bad_request", f"'prompts' must be a float tensor [{session.end - session.start}, {b}, "
-                                               f"prefix<={limit}, {h}], got {prompts.dtype} {list(prompts.shape)}")
-        return prompts
+        longest = min(hidden.shape[1], self.options.batching.prefill_chunk)
+        return self._prompts(prompts, session.end - session.start, hidden, longest)
 
     async def _push(self, target: wire.PushTarget, output: torch.Tensor, mask: torch.Tensor | None,
                     positions: torch.Tensor | None) -> bool:
@@ -480,13 +468,8 @@ class BlockServer:
                                                    f"{session.position} tokens")
             reply = await self._run_step(session, req.request_id, frame.tensors, req.push)
             status = "ok"
-        except ProtocolError as error:
-            reply, status = wire.encode({**error.to_header(), "request_id": req.request_id}), error.code
-        except Exception as error:
-            log.exception("pushed step failed")
-            status = "internal"
-            reply = wire.encode({**ProtocolError("internal", f"{type(error).__name__}: {error}").to_header(),
-                                 "request_id": req.request_id})
+        except Exception as error:  # noqa: BLE001 - answered to the client as an error frame
+            reply, status = _error_reply(error, req.request_id, "pushed step")
         self._count_later("step", status, began)
         asyncio.get_running_loop().call_soon(lambda: self.metrics.pushes_received.labels(status).inc())  # after the reply
         if client is not None and not client.closed:
@@ -562,6 +545,14 @@ class BlockServer:
             await asyncio.sleep(0.1)
         if len(self.sessions):
             log.warning("drain timeout: closing %d session(s); their clients fail over", len(self.sessions))
+
+
+def _error_reply(error: Exception, request_id: int | None, what: str) -> tuple[bytes, str]:
+    """The error frame answering a failed request, and its status for the metrics (unexpected errors are logged)."""
+    if not isinstance(error, ProtocolError):
+        log.exception("%s failed", what)
+        error = ProtocolError("internal", f"{type(error).__name__}: {error}")
+    return wire.encode({**error.to_header(), "request_id": request_id}), error.code
 
 
 def _request_id(data: bytes) -> int | None:
