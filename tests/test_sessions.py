@@ -57,15 +57,17 @@ def test_sessions_belong_to_their_connection_and_expire():
 @pytest.mark.integration
 def test_vanished_client_frees_its_sessions(swarm3):
     server = next(s for s in swarm3.routes().servers if s.start == 0)
+    before = requests.get(f"{server.url}/info", timeout=10).json()["sessions"]  # other tests' clients may hold some
     socket = connect(server.url.replace("http://", "ws://") + "/v1/session", compression=None)
     for _ in range(3):
         socket.send(wire.encode({"kind": "open", "start": 0, "end": 10, "max_length": 64}))
         assert wire.decode(socket.recv(timeout=30)).kind == "opened"
     info = requests.get(f"{server.url}/info", timeout=10).json()
-    assert info["sessions"] >= 3 and info["cache_bytes_used"] > 0
+    assert info["sessions"] >= before + 3 and info["cache_bytes_used"] > 0
     socket.socket.close()  # vanish: no close frame, no close messages
     deadline = time.monotonic() + 30
-    while requests.get(f"{server.url}/info", timeout=10).json()["sessions"] != 0:
+    while requests.get(f"{server.url}/info", timeout=10).json()["sessions"] != before:
         assert time.monotonic() < deadline, "the server kept the vanished client's sessions"
         time.sleep(0.2)
-    assert requests.get(f"{server.url}/info", timeout=10).json()["cache_bytes_used"] == 0
+    if before == 0:
+        assert requests.get(f"{server.url}/info", timeout=10).json()["cache_bytes_used"] == 0
