@@ -31,6 +31,7 @@ from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 from llmswarm.arch import Architecture, span_config
 from llmswarm.source import ModelDir, load_state
+from llmswarm_node.decode import DecodePath
 from llmswarm_node.hugepages import pack_in_huge_pages
 
 
@@ -73,6 +74,7 @@ class SpanModel:
         _release_freed_memory()
         self._accepts_position_ids = "position_ids" in inspect.signature(self.base.forward).parameters
         self._views: dict[tuple[int, int], nn.Module] = {(start, end): self.base}
+        self._decode_paths: dict[tuple[int, int], DecodePath | None] = {}
         self.adapters: set[str] = set()
 
     def _load_base(self, progress: bool) -> nn.Module:
@@ -144,7 +146,15 @@ class SpanModel:
     def new_cache(self, start: int, end: int) -> DynamicCache:
         return DynamicCache(config=self.view(start, end).config)
 
-    def _run(self, view: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+    def _decode_path(self, start: int, end: int) -> DecodePath | None:
+        """The lean one-token pass for blocks [start, end), where it is exact (decode.py); None elsewhere."""
+        key = (start, end)
+        if key not in self._decode_paths:
+            view = self.view(start, end)
+            self._decode_paths[key] = DecodePath.build(view, self.layers(view), view.config)
+        return self._decode_paths[key]
+
+    def _run(self, key: tuple[int, int], hidden: torch.Tensor, attention_mask: torch.Tensor | None,
              position_ids: torch.Tensor | None, cache: DynamicCache | None, prompts: torch.Tensor | None,
              adapter: str | None) -> torch.Tensor:
         if self.device.type != "cpu":
@@ -152,6 +162,11 @@ class SpanModel:
             attention_mask = None if attention_mask is None else attention_mask.to(self.device)
             position_ids = None if position_ids is None else position_ids.to(self.device)
             prompts = None if prompts is None else prompts.to(self.device)
+        if cache is not None and not self.adapters and DecodePath.accepts(hidden, attention_mask, cache, prompts):
+            decode = self._decode_path(*key)
+            if decode is not None:
+                return decode.run(hidden, position_ids, cache)
+        view = self.view(*key)
         kwargs: dict[str, object] = {
             "inputs_embeds": hidden,
             "attention_mask": attention_mask,
@@ -183,9 +198,9 @@ class SpanModel:
         ([blocks, batch, prefix, hidden]) are deep prompts: block i adds prompts[i] to the
         first `prefix` positions of its input. `adapter` selects a loaded LoRA adapter.
         """
-        view = self.view(self.start if start is None else start, self.end if end is None else end)
+        key = (self.start if start is None else start, self.end if end is None else end)
         prompts = None if prompts is None else prompts.to(self.dtype)
-        return self._run(view, hidden.to(self.dtype), attention_mask, position_ids, cache, prompts, adapter).cpu()
+        return self._run(key, hidden.to(self.dtype), attention_mask, position_ids, cache, prompts, adapter).cpu()
 
     def backward(
         self,
@@ -199,11 +214,10 @@ class SpanModel:
         adapter: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients of the inputs (and of the deep prompts) of blocks [start, end); weights stay frozen."""
-        view = self.view(start, end)
         with torch.enable_grad():
             inputs = hidden.detach().to(self.device, self.dtype).requires_grad_(True)
             deep = None if prompts is None else prompts.detach().to(self.device, self.dtype).requires_grad_(True)
-            output = self._run(view, inputs, attention_mask, position_ids, None, deep, adapter)
+            output = self._run((start, end), inputs, attention_mask, position_ids, None, deep, adapter)
             output.backward(grad_output.to(output.device, output.dtype))
         assert inputs.grad is not None
         return inputs.grad.cpu(), None if deep is None else deep.grad.cpu()
