@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
 
 from llmswarm.source import ModelDir
+from llmswarm_node import batching
 from llmswarm_node.decode import DecodePath
 from llmswarm_node.span import SpanModel
 
@@ -49,29 +50,31 @@ def counted(monkeypatch):
 
 
 def decode_both_ways(span: SpanModel, start: int, end: int, prompt: torch.Tensor, steps: list[torch.Tensor],
-                     monkeypatch, positions: bool = True) -> tuple[list, list, object, object]:
+                     monkeypatch, positions: bool = True, prompt_mask: torch.Tensor | None = None
+                     ) -> tuple[list, list, object, object]:
     """Outputs and caches of the same steps through the decode path and through transformers' forward."""
     results = []
     for lean in (True, False):
         with monkeypatch.context() as patch:
             if not lean:
                 patch.setattr(DecodePath, "accepts", staticmethod(lambda *args: False))
-            results.append(run_steps(span, start, end, prompt, steps, positions))
+            results.append(run_steps(span, start, end, prompt, steps, positions, prompt_mask))
     (lean_out, lean_cache), (ref_out, ref_cache) = results
     return lean_out, ref_out, lean_cache, ref_cache
 
 
 def run_steps(span: SpanModel, start: int, end: int, prompt: torch.Tensor, steps: list[torch.Tensor],
-              positions: bool) -> tuple[list, object]:
+              positions: bool, prompt_mask: torch.Tensor | None) -> tuple[list, object]:
+    """A prefill, then one-token steps; with a prompt mask (left padding), positions count real tokens only."""
+    rows, past = prompt.shape[:2]
+    mask = torch.ones(rows, past, dtype=torch.long) if prompt_mask is None else prompt_mask
     cache = span.new_cache(start, end)
-    span.forward(prompt, None, None, cache, start, end)
-    past = prompt.shape[1]
+    span.forward(prompt, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, start, end)
     outputs = []
     for hidden in steps:
-        position = torch.full((hidden.shape[0], 1), past) if positions else None
-        mask = torch.ones(hidden.shape[0], past + 1, dtype=torch.long)
+        position = mask.sum(-1, keepdim=True) if positions else None
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
         outputs.append(span.forward(hidden, mask, position, cache, start, end))
-        past += 1
     return outputs, cache
 
 
@@ -90,11 +93,37 @@ def test_bit_identical_to_transformers(name, dtype, tmp_path_factory, monkeypatc
     torch.manual_seed(1)
     prompt = torch.randn(2, 7, 64)
     steps = [torch.randn(2, 1, 64) for _ in range(6)]
-    for start, end, positions in ((1, 4, True), (2, 4, False)):  # the whole span, and a sub-range view
-        lean_out, ref_out, lean_cache, ref_cache = decode_both_ways(span, start, end, prompt, steps, monkeypatch,
-                                                                    positions)
-        assert_identical(lean_out, ref_out, lean_cache, ref_cache)
-    assert counted["run"] == 2 * len(steps)
+    padded = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    # the whole span, a sub-range view, and left padding (a mask with zeros)
+    for start, end, positions, prompt_mask in ((1, 4, True, None), (2, 4, False, None), (1, 4, True, padded)):
+        assert_identical(*decode_both_ways(span, start, end, prompt, steps, monkeypatch, positions, prompt_mask))
+    assert counted["run"] == 3 * len(steps)
+
+
+def test_batched_sessions_bit_identical(smollm2, monkeypatch, counted):
+    """A combined pass over sessions with different pasts (batching.py: padding on the left) is exact too."""
+    span = SpanModel(smollm2, 0, 3, progress=False)
+    torch.manual_seed(3)
+    prompts = [torch.randn(1, n, 576) for n in (4, 9, 1)]
+    steps = [[torch.randn(1, 1, 576) for _ in prompts] for _ in range(3)]
+    results = []
+    for lean in (True, False):
+        with monkeypatch.context() as patch:
+            if not lean:
+                patch.setattr(DecodePath, "accepts", staticmethod(lambda *args: False))
+            caches = [span.new_cache(0, 3) for _ in prompts]
+            for prompt, cache in zip(prompts, caches, strict=True):
+                span.forward(prompt, None, None, cache)
+            outputs = [batching.run_steps(span, 0, 3, [batching.StepInput(cache, cache.get_seq_length(), h, None, None)
+                                                       for h, cache in zip(hidden, caches, strict=True)])
+                       for hidden in steps]
+            results.append((outputs, caches))
+    (lean_out, lean_caches), (ref_out, ref_caches) = results
+    for a, b in zip(lean_out, ref_out, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for a, b in zip(lean_caches, ref_caches, strict=True):
+        assert_identical([], [], a, b)
+    assert counted["run"] == len(steps) + 1  # the one-token prompt's prefill is a decode step too
 
 
 def test_bit_identical_on_the_real_model(smollm2, monkeypatch, counted):
@@ -116,8 +145,8 @@ def test_steps_it_does_not_take(tmp_path_factory, counted):
     span = SpanModel(source, 0, 4, progress=False)
     cache = span.new_cache(0, 4)
     span.forward(torch.randn(2, 5, 64), None, None, cache)
-    padded = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    span.forward(torch.randn(2, 1, 64), padded, None, cache)  # padding needs a mask
+    hidden_self = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    span.forward(torch.randn(2, 1, 64), hidden_self, None, cache)  # a new token that may not see itself
     span.forward(torch.randn(2, 2, 64), None, None, cache)  # more than one token
     span.forward(torch.randn(2, 1, 64), None, None, None)  # no cache: a stateless forward
     span.forward(torch.randn(2, 1, 64), None, None, cache, prompts=torch.zeros(4, 2, 1, 64))  # deep prompts

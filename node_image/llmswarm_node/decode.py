@@ -13,14 +13,19 @@ both, for every architecture it accepts). It is used only when all of this holds
 
 - every block is a Llama, Mistral or Qwen2 decoder layer with plain ``nn.Linear``
   projections (no quantization, no LoRA), SiLU, sdpa attention and no sliding window;
-- the step is one new token per row, on a session cache of plain dynamic layers,
-  without padding (mask all ones) and without deep prompts.
+- the step is one new token per row, on a cache of plain dynamic layers, without deep
+  prompts, with a mask (if any) that covers the cache and the new token, and that lets
+  every new token see itself.
+
+Padding is handled the way transformers handles it: a boolean mask [batch, 1, 1, keys]
+and, for grouped-query attention, the query heads packed per key/value head.
 
 Anything else runs through transformers' own forward.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +56,7 @@ class _Block:
     down: tuple[torch.Tensor, torch.Tensor | None]
     head_dim: int
     scaling: float
-    grouped: bool  # fewer key/value heads than query heads
+    groups: int  # query heads per key/value head
 
 
 class DecodePath:
@@ -83,11 +88,17 @@ class DecodePath:
             return False
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             return False
-        return attention_mask is None or bool(attention_mask.all())
+        if attention_mask is None:
+            return True
+        return attention_mask.shape == (hidden.shape[0], cache.get_seq_length() + 1) and bool(attention_mask[:, -1].all())
 
-    def run(self, hidden: torch.Tensor, position_ids: torch.Tensor | None, cache: DynamicCache) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+            cache: DynamicCache) -> torch.Tensor:
         """Blocks' output for hidden [batch, 1, hidden]; extends `cache` by one position."""
         batch = hidden.shape[0]
+        mask = None  # no padding: no mask, as transformers skips it
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.to(device=hidden.device, dtype=torch.bool)[:, None, None, :]
         if position_ids is None:
             past = cache.get_seq_length()
             position_ids = torch.arange(past, past + 1, device=hidden.device).unsqueeze(0)
@@ -102,8 +113,7 @@ class DecodePath:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k, v = cache.update(k, v, index)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=block.scaling,
-                                                      is_causal=False, **({"enable_gqa": True} if block.grouped else {}))
+            attended = _attend(q, k, v, mask, block)
             attended = attended.reshape(batch, -1, 1, block.head_dim).transpose(1, 2).contiguous()
             attended = attended.reshape(batch, 1, -1).contiguous()
             hidden = residual + F.linear(attended, *block.o)
@@ -124,10 +134,7 @@ def _gather(layer: nn.Module) -> _Block | None:
     if type(mlp.act_fn) not in (SiLUActivation, nn.SiLU):
         return None
     # Qwen2 sets a window per layer (None for full attention); Mistral reads its config's
-    window = attention.sliding_window if hasattr(attention, "sliding_window") else attention.config.sliding_window \
-        if hasattr(attention.config, "sliding_window") else None
-    grouped = attention.num_key_value_groups > 1
-    if window is not None or (grouped and attention.head_dim > 256):  # transformers packs such heads another way
+    if getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None)) is not None:
         return None
     linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj,
                mlp.down_proj]
@@ -137,8 +144,22 @@ def _gather(layer: nn.Module) -> _Block | None:
     return _Block(
         input_norm=norms[0].weight, input_eps=norms[0].variance_epsilon, q=q, k=k, v=v, o=o,
         post_norm=norms[1].weight, post_eps=norms[1].variance_epsilon, gate=gate, up=up, down=down,
-        head_dim=attention.head_dim, scaling=attention.scaling, grouped=grouped,
+        head_dim=attention.head_dim, scaling=attention.scaling, groups=attention.num_key_value_groups,
     )
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, block: _Block) -> torch.Tensor:
+    """transformers' sdpa_attention_forward for one query token on the CPU or CUDA: grouped heads via
+    enable_gqa where it takes that way (no mask, head size <= 256), else packed per key/value head."""
+    if block.groups > 1 and ((mask is None and block.head_dim <= 256) or os.environ.get(_FORCE_GQA, "0") == "1"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=block.scaling,
+                                              is_causal=False, enable_gqa=True)
+    if block.groups > 1:
+        q = q.reshape(q.shape[0], q.shape[1] // block.groups, block.groups, q.shape[3])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=block.scaling, is_causal=False)
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers then always passes enable_gqa
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -165,7 +165,7 @@ class SpanModel:
         if cache is not None and not self.adapters and DecodePath.accepts(hidden, attention_mask, cache, prompts):
             decode = self._decode_path(*key)
             if decode is not None:
-                return decode.run(hidden, position_ids, cache)
+                return decode.run(hidden, attention_mask, position_ids, cache)
         view = self.view(*key)
         kwargs: dict[str, object] = {
             "inputs_embeds": hidden,
