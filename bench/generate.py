@@ -13,8 +13,10 @@ uses: idle OpenMP threads sleep).
 
 Per hop, two numbers:
 - ``per_hop_overhead_ms``: (swarm ms per token - local ms per token) / hops: everything a
-  hop costs, including that a server's blocks run slower than the same blocks inside one
-  process (they start cold: between its passes, the other processes ran on the cores);
+  hop costs against local transformers. It nets two things: a server's pass starts cold
+  (between its passes, the other processes ran on the cores), and a server runs one-token
+  steps through llmswarm_node/decode.py's lean pass, which is faster than transformers'
+  forward of the same blocks (``server_pass_ms`` is that pass);
 - ``per_hop_transport_ms``: the client's time from sending a step to a server to having its
   output, minus the server's own compute time for that step (``llmswarm_pass_seconds``):
   what the network path costs (encode, send, receive, decode, hand-offs), without compute.

@@ -50,15 +50,14 @@ def counted(monkeypatch):
 
 
 def decode_both_ways(span: SpanModel, start: int, end: int, prompt: torch.Tensor, steps: list[torch.Tensor],
-                     monkeypatch, positions: bool = True, prompt_mask: torch.Tensor | None = None
+                     positions: bool = True, prompt_mask: torch.Tensor | None = None
                      ) -> tuple[list, list, object, object]:
     """Outputs and caches of the same steps through the decode path and through transformers' forward."""
     results = []
     for lean in (True, False):
-        with monkeypatch.context() as patch:
-            if not lean:
-                patch.setattr(DecodePath, "accepts", staticmethod(lambda *args: False))
-            results.append(run_steps(span, start, end, prompt, steps, positions, prompt_mask))
+        span.lean_decode = lean
+        results.append(run_steps(span, start, end, prompt, steps, positions, prompt_mask))
+    span.lean_decode = True
     (lean_out, lean_cache), (ref_out, ref_cache) = results
     return lean_out, ref_out, lean_cache, ref_cache
 
@@ -88,36 +87,38 @@ def assert_identical(lean_out, ref_out, lean_cache, ref_cache) -> None:
 
 @pytest.mark.parametrize("name", sorted(EXACT))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bit_identical_to_transformers(name, dtype, tmp_path_factory, monkeypatch, counted):
+def test_bit_identical_to_transformers(name, dtype, tmp_path_factory, counted):
     span = SpanModel(tiny_source(name, EXACT[name], tmp_path_factory), 1, 4, dtype=dtype, progress=False)
+    assert span._decode_path(1, 4) is not None and span._decode_path(2, 4) is not None
+    counted["run"] = 0
     torch.manual_seed(1)
     prompt = torch.randn(2, 7, 64)
     steps = [torch.randn(2, 1, 64) for _ in range(6)]
     padded = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
     # the whole span, a sub-range view, and left padding (a mask with zeros)
     for start, end, positions, prompt_mask in ((1, 4, True, None), (2, 4, False, None), (1, 4, True, padded)):
-        assert_identical(*decode_both_ways(span, start, end, prompt, steps, monkeypatch, positions, prompt_mask))
+        assert_identical(*decode_both_ways(span, start, end, prompt, steps, positions, prompt_mask))
     assert counted["run"] == 3 * len(steps)
 
 
-def test_batched_sessions_bit_identical(smollm2, monkeypatch, counted):
+def test_batched_sessions_bit_identical(smollm2, counted):
     """A combined pass over sessions with different pasts (batching.py: padding on the left) is exact too."""
     span = SpanModel(smollm2, 0, 3, progress=False)
+    assert span._decode_path(0, 3) is not None  # built (and checked) before counting
+    counted["run"] = 0
     torch.manual_seed(3)
     prompts = [torch.randn(1, n, 576) for n in (4, 9, 1)]
     steps = [[torch.randn(1, 1, 576) for _ in prompts] for _ in range(3)]
     results = []
     for lean in (True, False):
-        with monkeypatch.context() as patch:
-            if not lean:
-                patch.setattr(DecodePath, "accepts", staticmethod(lambda *args: False))
-            caches = [span.new_cache(0, 3) for _ in prompts]
-            for prompt, cache in zip(prompts, caches, strict=True):
-                span.forward(prompt, None, None, cache)
-            outputs = [batching.run_steps(span, 0, 3, [batching.StepInput(cache, cache.get_seq_length(), h, None, None)
-                                                       for h, cache in zip(hidden, caches, strict=True)])
-                       for hidden in steps]
-            results.append((outputs, caches))
+        span.lean_decode = lean
+        caches = [span.new_cache(0, 3) for _ in prompts]
+        for prompt, cache in zip(prompts, caches, strict=True):
+            span.forward(prompt, None, None, cache)
+        outputs = [batching.run_steps(span, 0, 3, [batching.StepInput(cache, cache.get_seq_length(), h, None, None)
+                                                   for h, cache in zip(hidden, caches, strict=True)])
+                   for hidden in steps]
+        results.append((outputs, caches))
     (lean_out, lean_caches), (ref_out, ref_caches) = results
     for a, b in zip(lean_out, ref_out, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
@@ -126,11 +127,13 @@ def test_batched_sessions_bit_identical(smollm2, monkeypatch, counted):
     assert counted["run"] == len(steps) + 1  # the one-token prompt's prefill is a decode step too
 
 
-def test_bit_identical_on_the_real_model(smollm2, monkeypatch, counted):
+def test_bit_identical_on_the_real_model(smollm2, counted):
     span = SpanModel(smollm2, 10, 20, progress=False)
+    assert span._decode_path(10, 20) is not None
+    counted["run"] = 0
     torch.manual_seed(2)
     steps = [torch.randn(1, 1, 576) for _ in range(8)]
-    assert_identical(*decode_both_ways(span, 10, 20, torch.randn(1, 40, 576), steps, monkeypatch))
+    assert_identical(*decode_both_ways(span, 10, 20, torch.randn(1, 40, 576), steps))
     assert counted["run"] == len(steps)
 
 
@@ -143,6 +146,8 @@ def test_other_architectures_keep_transformers_forward(name, tmp_path_factory):
 def test_steps_it_does_not_take(tmp_path_factory, counted):
     source = tiny_source("llama", EXACT["llama"], tmp_path_factory)
     span = SpanModel(source, 0, 4, progress=False)
+    assert span._decode_path(0, 4) is not None
+    counted["run"] = 0
     cache = span.new_cache(0, 4)
     span.forward(torch.randn(2, 5, 64), None, None, cache)
     hidden_self = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
@@ -157,3 +162,18 @@ def test_steps_it_does_not_take(tmp_path_factory, counted):
     assert SpanModel(source, 0, 4, progress=False, quantization="int8")._decode_path(0, 4) is None
     eager = AutoModelForCausalLM.from_pretrained(source.path, attn_implementation="eager")
     assert DecodePath.build(eager.model, eager.model.layers, eager.config) is None
+
+
+def test_a_pass_that_differs_is_not_used(tmp_path_factory, monkeypatch, caplog, counted):
+    """The span checks the lean pass against transformers' forward before using it (a changed transformers)."""
+    from llmswarm_node import decode
+
+    rms_norm = decode._rms_norm
+    monkeypatch.setattr(decode, "_rms_norm", lambda hidden, weight, eps: rms_norm(hidden, weight, eps * 2))
+    span = SpanModel(tiny_source("llama", EXACT["llama"], tmp_path_factory), 0, 4, progress=False)
+    assert span._decode_path(0, 4) is None
+    assert "differs from transformers' forward" in caplog.text
+    cache = span.new_cache(0, 4)
+    span.forward(torch.randn(1, 3, 64), None, None, cache)
+    span.forward(torch.randn(1, 1, 64), None, None, cache)
+    assert counted["run"] == 4  # the check's own two steps per case, then never again

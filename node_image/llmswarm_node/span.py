@@ -18,6 +18,7 @@ import copy
 import ctypes
 import hashlib
 import inspect
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from llmswarm.arch import Architecture, span_config
 from llmswarm.source import ModelDir, load_state
 from llmswarm_node.decode import DecodePath
 from llmswarm_node.hugepages import pack_in_huge_pages
+
+log = logging.getLogger(__name__)
 
 
 class SpanModel:
@@ -74,6 +77,7 @@ class SpanModel:
         _release_freed_memory()
         self._accepts_position_ids = "position_ids" in inspect.signature(self.base.forward).parameters
         self._views: dict[tuple[int, int], nn.Module] = {(start, end): self.base}
+        self.lean_decode = True  # one-token steps through decode.py's pass where it is exact
         self._decode_paths: dict[tuple[int, int], DecodePath | None] = {}
         self.adapters: set[str] = set()
 
@@ -151,18 +155,61 @@ class SpanModel:
         key = (start, end)
         if key not in self._decode_paths:
             view = self.view(start, end)
-            self._decode_paths[key] = DecodePath.build(view, self.layers(view), view.config)
+            path = DecodePath.build(view, self.layers(view), view.config)
+            if path is not None and not self._agrees_with_transformers(path, start, end):
+                log.warning("blocks [%d, %d): the lean decode pass differs from transformers' forward (a transformers "
+                            "version whose layers changed?); one-token steps use transformers' forward", start, end)
+                path = None
+            self._decode_paths[key] = path
         return self._decode_paths[key]
+
+    @torch.inference_mode()
+    def _agrees_with_transformers(self, path: DecodePath, start: int, end: int) -> bool:
+        """Whether the lean pass gives bit-identical outputs and caches on random inputs, with and without padding.
+
+        decode.py mirrors transformers' layers op for op; this catches a transformers version
+        whose layers compute otherwise, before any client sees a difference.
+        """
+        generator = torch.Generator().manual_seed(0)
+        padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
+        cases = []
+        for mask in (torch.ones(1, 3, dtype=torch.long), padded):
+            rows = mask.shape[0]
+            inputs = [torch.randn(rows, n, self.hidden_size, generator=generator) for n in (3, 1, 1)]
+            cases.append((mask, [x.to(self.device, self.dtype) for x in inputs]))
+        results = []
+        for lean in (True, False):
+            outputs, caches = [], []
+            for prompt_mask, (prompt, *steps) in cases:
+                cache = self.new_cache(start, end)
+                mask = prompt_mask.to(self.device)
+                self._run((start, end), prompt, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, None, None, lean=False)
+                for hidden in steps:
+                    positions = mask.sum(-1, keepdim=True)
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    if lean:
+                        outputs.append(path.run(hidden, mask, positions, cache))
+                    else:
+                        outputs.append(self._run((start, end), hidden, mask, positions, cache, None, None, lean=False))
+                caches.append(cache)
+            results.append((outputs, caches))
+        (lean_outputs, lean_caches), (outputs, caches) = results
+        if not all(torch.equal(a, b) for a, b in zip(lean_outputs, outputs, strict=True)):
+            return False
+        return all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                   for lean_cache, cache in zip(lean_caches, caches, strict=True)
+                   for a, b in zip(lean_cache.layers, cache.layers, strict=True))
 
     def _run(self, key: tuple[int, int], hidden: torch.Tensor, attention_mask: torch.Tensor | None,
              position_ids: torch.Tensor | None, cache: DynamicCache | None, prompts: torch.Tensor | None,
-             adapter: str | None) -> torch.Tensor:
+             adapter: str | None, lean: bool = True) -> torch.Tensor:
         if self.device.type != "cpu":
             hidden = hidden.to(self.device)
             attention_mask = None if attention_mask is None else attention_mask.to(self.device)
             position_ids = None if position_ids is None else position_ids.to(self.device)
             prompts = None if prompts is None else prompts.to(self.device)
-        if cache is not None and not self.adapters and DecodePath.accepts(hidden, attention_mask, cache, prompts):
+        if (lean and self.lean_decode and cache is not None and not self.adapters
+                and DecodePath.accepts(hidden, attention_mask, cache, prompts)):
             decode = self._decode_path(*key)
             if decode is not None:
                 return decode.run(hidden, attention_mask, position_ids, cache)
