@@ -4,12 +4,15 @@ A decode step through a block is seven matrix-vector products and a few dozen sm
 ops. Run by transformers' model forward, it also pays for the model-level work (a mask
 built and then found unnecessary, rotary tables, output capturing) and for each module
 call and decorator on the way down: on the 2-core CI machine, 10 SmolLM2 blocks take
-~11.2 ms that way against ~9.9 ms here, where the linear layers alone take ~8.5 ms.
+10.6-11.6 ms that way against 9.4-10.2 ms here, where the linear layers alone take
+8.5-8.9 ms (bench/decode_pass.py).
 
 This pass runs the same torch ops, in the same order and with the same arguments, as
 transformers' ``LlamaDecoderLayer`` with sdpa attention does for such a step, so its
 outputs and the cache it extends are bit-identical (tests/test_decode_path.py checks
-both, for every architecture it accepts). It is used only when all of this holds:
+both, for every architecture it accepts; SpanModel checks it again when it builds the
+pass, and keeps transformers' forward if a transformers version computes otherwise).
+It is used only when all of this holds:
 
 - every block is a Llama, Mistral or Qwen2 decoder layer with plain ``nn.Linear``
   projections (no quantization, no LoRA), SiLU, sdpa attention and no sliding window;
