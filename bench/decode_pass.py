@@ -72,6 +72,7 @@ def main() -> None:
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct",
         "blocks": f"{start}:{end}",
+        "prompt": args.prompt,
         "steps": args.steps,
         "lean_pass_ms": round(lean_ms, 3),
         "transformers_pass_ms": round(ref_ms, 3),
