@@ -86,7 +86,8 @@ class DecodePath:
     @staticmethod
     def accepts(hidden: torch.Tensor, attention_mask: torch.Tensor | None, cache: DynamicCache | None,
                 prompts: torch.Tensor | None) -> bool:
-        """Whether a step is one this path runs exactly: one token per row, no padding, plain cache."""
+        """Whether a step is one this path runs exactly: one token per row, no deep prompts, a plain cache, and
+        a mask (if any) that covers the cache and the new token and lets each new token see itself."""
         if cache is None or prompts is not None or hidden.dim() != 3 or hidden.shape[1] != 1:
             return False
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
