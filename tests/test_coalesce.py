@@ -101,3 +101,22 @@ def test_a_new_group_forms_while_one_runs_and_does_not_wait_for_it(max_wait):
     first.join()
     second.join()
     assert calls == [[1, 2], [3]]
+
+
+def test_a_stalled_companion_costs_one_long_wait_per_retry_period():
+    """A thread counted as a companion that never comes: the others wait max_wait once, then briefly for a while."""
+    coalescer = Coalescer(doubled, key=lambda w: 0, max_wait=0.2, short_wait=0.001, retry_after=16)
+    for work in range(40):
+        assert coalescer(work, companions=2) == 2 * work  # the second companion is stalled
+    assert coalescer.long_waits_unfilled == 3  # calls 1, 18 and 35; the 16 calls after each wait briefly
+    assert coalescer.calls == 40
+
+
+def test_a_full_group_restores_the_long_wait():
+    coalescer = Coalescer(doubled, key=lambda w: 0, max_wait=0.3, short_wait=0.25, retry_after=16)
+    assert coalescer(1, companions=2) == 2  # alone: the long wait runs out
+    assert coalescer.long_waits_unfilled == 1
+    assert in_threads(coalescer, [2, 3], companions=2) == {2: 4, 3: 6}  # both come within the short wait
+    assert coalescer.calls == 2
+    assert coalescer(4, companions=2) == 8  # back to the long wait, which runs out again
+    assert coalescer.long_waits_unfilled == 2

@@ -16,6 +16,12 @@ runs it once for all; the others wait for their results. The leader waits at mos
 a thread alone never waits. Calls may run at once: while a leader runs its group, the next
 arrivals form the next group under a leader of their own, so groups of steps follow each
 other through the servers like a pipeline.
+
+A companion may stall (a slow streamer callback, user code between tokens): it still
+counts, but does not come. After a wait that ran out unfilled, the next ``retry_after``
+groups wait at most ``short_wait``; then one waits ``max_wait`` again, so threads that
+drifted apart fall back in step. A stalled thread thus costs the others one long wait
+per ``retry_after + 1`` groups instead of one per group.
 """
 
 from __future__ import annotations
@@ -43,10 +49,15 @@ class _Item(Generic[T, R]):
 class Coalescer(Generic[T, R]):
     """``run_many(works) -> results`` for works of the same ``key``, shared by the threads that call at once."""
 
-    def __init__(self, run_many: Callable[[list[T]], list[R]], key: Callable[[T], Hashable], max_wait: float = 0.002) -> None:
+    def __init__(self, run_many: Callable[[list[T]], list[R]], key: Callable[[T], Hashable], max_wait: float = 0.002,
+                 short_wait: float = 0.002, retry_after: int = 16) -> None:
         self.run_many = run_many
         self.key = key
         self.max_wait = max_wait
+        self.short_wait = min(short_wait, max_wait)
+        self.retry_after = retry_after
+        self._short_groups = 0  # groups still to wait only short_wait, after a wait that ran out unfilled
+        self.long_waits_unfilled = 0  # max_wait waits that ran out before every companion came (diagnostics)
         self._cond = threading.Condition()
         self._pending: list[_Item[T, R]] = []
         self._leading = False
@@ -77,10 +88,18 @@ class Coalescer(Generic[T, R]):
         return item.result  # type: ignore[return-value]
 
     def _lead(self, companions: int) -> None:
-        deadline = time.monotonic() + self.max_wait
         with self._cond:
+            short = self._short_groups > 0
+            deadline = time.monotonic() + (self.short_wait if short else self.max_wait)
             while len(self._pending) + self._running < companions and (remaining := deadline - time.monotonic()) > 0:
                 self._cond.wait(remaining)
+            if len(self._pending) + self._running >= companions:
+                self._short_groups = 0
+            elif short:
+                self._short_groups -= 1
+            else:
+                self._short_groups = self.retry_after
+                self.long_waits_unfilled += 1
             batch, self._pending = self._pending, []
             self._running += len(batch)
             self._leading = False  # the next arrival leads the next group

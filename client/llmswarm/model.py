@@ -78,7 +78,8 @@ def _client_part(source: ModelDir, dtype: torch.dtype) -> PreTrainedModel:
 TUNING_MODES = ("ptune", "deep_ptune")
 
 
-STEP_WAIT = 0.04  # seconds the first of several generating threads waits for the others' steps
+STEP_WAIT = 0.04  # seconds the first of several generating threads waits for the others' steps (briefer while
+# one of them is stalled: coalesce.py)
 
 
 class _DistributedModel(PreTrainedModel):
