@@ -23,7 +23,7 @@ import time
 import torch
 from swarm_metrics import histogram_totals
 
-from llmswarm.threads import shared_cores_env
+from llmswarm_core.threads import shared_cores_env
 
 TOPICS = ["painter", "river", "city", "poet", "planet", "bird", "ship", "tree", "song", "mountain", "scientist",
           "novel", "bridge", "island", "composer", "desert"]
@@ -37,7 +37,7 @@ def prompts(tokenizer, n: int) -> list[str]:
 def local_part(sessions: list[int], new_tokens: int) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
-    from llmswarm.source import resolve
+    from llmswarm_core.source import resolve
 
     source = resolve("smollm2", progress=False)
     tokenizer = source.tokenizer()
@@ -57,7 +57,7 @@ def local_part(sessions: list[int], new_tokens: int) -> dict[str, float]:
 
 def swarm_part(sessions: list[int], new_tokens: int, push: bool = True) -> dict[str, object]:
     from llmswarm import ClientConfig, DistributedModelForCausalLM
-    from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+    from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 
     result: dict[str, float] = {}
     mean_batch: dict[str, float] = {}

@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llmswarm.source import ModelDir
+from llmswarm_core.source import ModelDir
 from llmswarm_node.batching import StepInput, run_steps
 from llmswarm_node.span import SpanModel
 

@@ -46,8 +46,8 @@ from swarm_metrics import histogram_totals
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llmswarm import DistributedModelForCausalLM
-from llmswarm.threads import torch_threads
-from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+from llmswarm_core.threads import torch_threads
+from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 
 SETTINGS = ("float32/none", "bfloat16/none", "float16/int8", "bfloat16/nf4")
 FULL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,

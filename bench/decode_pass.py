@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmswarm.source import resolve
+from llmswarm_core.source import resolve
 from llmswarm_node.span import SpanModel
 
 

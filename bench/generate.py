@@ -8,7 +8,7 @@ since a chain runs its servers one after another, at most N threads compute at a
 Each side runs in its own process, loaded once; their runs alternate (local, swarm, swarm,
 local, ...) so that both see the same machine, and the medians are reported. Local
 transformers keeps OpenMP's default (spinning) wait policy, its best setting when alone;
-the swarm's processes share the cores and use llmswarm.threads' settings (what `llmswarm up`
+the swarm's processes share the cores and use llmswarm_core.threads' settings (what `llmswarm up`
 uses: idle OpenMP threads sleep).
 
 Per hop, two numbers:
@@ -39,9 +39,9 @@ from swarm_metrics import histogram_totals
 from transformers import AutoModelForCausalLM
 
 from llmswarm import ClientConfig, DistributedModelForCausalLM
-from llmswarm.source import resolve
-from llmswarm.threads import shared_cores_env
-from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+from llmswarm_core.source import resolve
+from llmswarm_core.threads import shared_cores_env
+from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 

@@ -18,7 +18,7 @@ import time
 import psutil
 import requests
 
-from llmswarm.source import resolve
+from llmswarm_core.source import resolve
 
 
 def serve_and_measure(model: str, start: int, end: int, dtype: str, extra: tuple[str, ...] = ()) -> dict[str, float]:

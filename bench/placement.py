@@ -6,10 +6,10 @@ server of capacity ``c`` (block-tokens/s) holding ``L`` blocks serves ``c / L`` 
 through each of them, so the blocks' throughputs always add up to the total capacity and
 ``upper_bound = total capacity / blocks`` bounds every placement's bottleneck.
 
-1. Fresh plan: :func:`llmswarm_operator.rebalance.fresh_plan`; reports ``plan_seconds``,
+1. Fresh plan: :func:`fresh_plan.fresh_plan` (``bench/fresh_plan.py``); reports ``plan_seconds``,
    ``bottleneck_throughput``, ``upper_bound`` and their ``ratio``.
 2. Churn: 10 % of the servers (chosen at random) leave. The rebalancer
-   (:func:`llmswarm_operator.rebalance.plan`, at most ``max_moves`` servers per round, each
+   (:func:`llmswarm_control.rebalance.plan`, at most ``max_moves`` servers per round, each
    round only if it raises the bottleneck by more than ``min_gain``) runs rounds until the
    bottleneck is within 5 % of a fresh plan for the servers left; reports the rounds and
    moves it took and the time of one round.
@@ -24,8 +24,10 @@ import json
 import random
 import time
 
-from llmswarm_operator.placement import Span
-from llmswarm_operator.rebalance import Capacity, Server, capacity_bottleneck, coverage, fresh_plan, plan, upper_bound
+from fresh_plan import Capacity, capacity_bottleneck, fresh_plan, upper_bound
+
+from llmswarm_control.rebalance import Server, plan
+from llmswarm_core.spans import Span, coverage
 
 #: (name, capacity in block-tokens/s, blocks that fit in memory): an A100-80G-like class down to a small one.
 CLASSES = (("a100", 3000.0, 40), ("l4", 1500.0, 12), ("t4", 1000.0, 8), ("small", 500.0, 4))

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import serve_and_measure
 
-from llmswarm.source import resolve
+from llmswarm_core.source import resolve
 from llmswarm_node.span import SpanModel
 
 TEXT = ("The history of astronomy is long. Ancient people watched the sky and tracked the moon, the sun and the "

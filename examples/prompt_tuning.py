@@ -75,7 +75,7 @@ def main() -> None:
     if args.swarm:
         train(args.swarm, args.steps, args.batch_size, args.lr, args.pre_seq_len, args.seed)
         return
-    from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+    from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 
     with LocalSwarm(LocalSwarmOptions(model="smollm2", servers=3, port=0)) as swarm:
         train(swarm.url, args.steps, args.batch_size, args.lr, args.pre_seq_len, args.seed)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmswarm.source import ModelDir, resolve
+from llmswarm_core.source import ModelDir, resolve
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.manual_seed(0)
@@ -31,7 +31,7 @@ def local_smollm2(smollm2: ModelDir) -> AutoModelForCausalLM:
 
 @pytest.fixture(scope="session")
 def swarm3(smollm2: ModelDir) -> Iterator[object]:
-    from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+    from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 
     options = LocalSwarmOptions(model="smollm2", servers=3, port=0, progress=False, log_dir=OUTPUT / "swarm3-logs")
     with LocalSwarm(options) as swarm:

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from llmswarm import DistributedModelForCausalLM
-from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 from tests.conftest import OUTPUT
 
 pytestmark = pytest.mark.integration

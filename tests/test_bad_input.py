@@ -11,7 +11,7 @@ import requests
 import torch
 from websockets.sync.client import connect
 
-from llmswarm import wire
+from llmswarm_core import wire
 from tests.conftest import chat_ids
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-LLMSWARM = [sys.executable, "-m", "llmswarm.cli"]
+LLMSWARM = [sys.executable, "-m", "llmswarm_cli.main"]
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
 
-from llmswarm.source import ModelDir
+from llmswarm_core.source import ModelDir
 from llmswarm_node import batching
 from llmswarm_node.decode import DecodePath
 from llmswarm_node.span import SpanModel

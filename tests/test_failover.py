@@ -12,8 +12,8 @@ import requests
 import torch
 
 from llmswarm import ClientConfig, DistributedModelForCausalLM
-from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
-from llmswarm_operator.placement import Span
+from llmswarm_core.spans import Span
+from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 from tests.conftest import OUTPUT, chat_ids
 
 pytestmark = pytest.mark.integration

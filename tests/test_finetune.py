@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmswarm import DistributedModelForCausalLM, DistributedModelForSequenceClassification
-from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 from tests.conftest import OUTPUT, chat_ids
 
 pytestmark = pytest.mark.integration
@@ -130,7 +130,7 @@ def test_generation_with_deep_prompts_through_sessions(swarm3):
 def test_session_deep_prompts_are_checked(swarm3):
     from websockets.sync.client import connect
 
-    from llmswarm import wire
+    from llmswarm_core import wire
 
     server = next(s for s in swarm3.routes().servers if s.start == 0)
     with connect(server.url.replace("http://", "ws://") + "/v1/session", compression=None) as sock:

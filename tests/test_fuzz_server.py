@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
-from llmswarm import wire
+from llmswarm_core import wire
 from tests.conftest import chat_ids
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import requests
 import torch
 
 from llmswarm import ClientConfig, DistributedModelForCausalLM
-from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 from tests.conftest import OUTPUT, chat_ids
 
 pytestmark = pytest.mark.integration
@@ -60,7 +60,7 @@ def test_refused_client_succeeds_after_others_close(two_full_servers, local_smol
 
 
 def test_overloaded_reply_carries_retry_after(two_full_servers):
-    from llmswarm import wire
+    from llmswarm_core import wire
 
     server = two_full_servers.routes().servers[0]
     body = wire.encode({"kind": "forward", "start": 0, "end": 30}, {"hidden": torch.zeros(1, 1, 576)})

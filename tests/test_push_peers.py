@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from llmswarm.routemap import RouteMap, ServerRecord
+from llmswarm_core.routemap import RouteMap, ServerRecord
 from llmswarm_node.push import DOWN_SECONDS, Pusher
 from tests.helpers import serving
 

@@ -22,11 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
-from llmswarm.cli import build_parser, main
-from llmswarm.routemap import ModelInfo, RouteMap, ServerRecord
-from llmswarm_node.metrics import ServerMetrics
-from llmswarm_operator.assignment import Assignment, fits, moved
-from llmswarm_operator.load_metrics import (
+from bench.fresh_plan import Capacity, capacity_bottleneck, fresh_plan, upper_bound
+from llmswarm_cli.main import build_parser, main
+from llmswarm_control.load_metrics import (
     PROMQL,
     MetricsError,
     PrometheusSource,
@@ -37,24 +35,23 @@ from llmswarm_operator.load_metrics import (
     parse_sample,
     promql,
 )
-from llmswarm_operator.manifests import DesiredServer, desired_servers
-from llmswarm_operator.placement import Pool, Span, place
-from llmswarm_operator.planner import ExistingServer, plan_servers
-from llmswarm_operator.rebalance import (
-    Capacity,
+from llmswarm_control.placement import Pool, place
+from llmswarm_control.rebalance import (
     Move,
     Server,
     apply_moves,
     block_demand,
     bottleneck,
-    capacity_bottleneck,
-    coverage,
-    fresh_plan,
     plan,
     spare,
-    upper_bound,
 )
-from llmswarm_operator.routemap_service import prometheus_targets
+from llmswarm_control.routemap_service import prometheus_targets
+from llmswarm_core.routemap import ModelInfo, RouteMap, ServerRecord
+from llmswarm_core.spans import Span, coverage
+from llmswarm_node.metrics import ServerMetrics
+from llmswarm_operator.assignment import Assignment, fits, moved
+from llmswarm_operator.manifests import DesiredServer, desired_servers
+from llmswarm_operator.planner import ExistingServer, plan_servers
 from tests.helpers import serving
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,8 +34,8 @@ import torch
 import yaml
 
 from llmswarm import ClientConfig, DistributedModelForCausalLM, wire
-from llmswarm.routemap import RouteMap
-from llmswarm_operator.load_metrics import PROMQL, ScrapeSource, Target
+from llmswarm_control.load_metrics import PROMQL, ScrapeSource, Target
+from llmswarm_core.routemap import RouteMap
 from tests.conftest import OUTPUT, chat_ids
 from tests.helpers import metric_total
 
@@ -196,7 +196,7 @@ def test_skewed_load_moves_a_server_make_before_break(local_smollm2: Any) -> Non
     url = f"http://127.0.0.1:{port}"
     with prometheus(url) as prometheus_url, open(LOGS / "llmswarm-up.log", "wb") as up_log:
         up = subprocess.Popen(
-            [sys.executable, "-m", "llmswarm.cli", "up", "--servers", "3", "--blocks-per-server", "15", "--port", str(port),
+            [sys.executable, "-m", "llmswarm_cli.main", "up", "--servers", "3", "--blocks-per-server", "15", "--port", str(port),
              "--rebalance", "--rebalance-interval", str(INTERVAL), "--min-gain", "2", "--prometheus-url", prometheus_url],
             stdout=up_log, stderr=subprocess.STDOUT,
         )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from llmswarm.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
-from llmswarm_operator.routetable import ModelMismatch, RouteTable
+from llmswarm_control.routetable import ModelMismatch, RouteTable
+from llmswarm_core.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
 
 MODEL = ModelInfo(name="m", num_blocks=30, hidden_size=8)
 

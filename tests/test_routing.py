@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from llmswarm.routemap import ServerRecord
 from llmswarm.routing import NoRoute, choose_chain
+from llmswarm_core.routemap import ServerRecord
 
 
 def server(sid: str, start: int, end: int, throughput: float = 100.0, state: str = "online") -> ServerRecord:

@@ -11,8 +11,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from llmswarm import DistributedModelForCausalLM, SwarmError
-from llmswarm.security import client_ssl_context
-from llmswarm_operator.local import LocalSwarm, LocalSwarmOptions
+from llmswarm_core.security import client_ssl_context
+from llmswarm_local.swarm import LocalSwarm, LocalSwarmOptions
 from tests.conftest import OUTPUT, chat_ids
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
-from llmswarm import wire
-from llmswarm.wire import ProtocolError
+from llmswarm_core import wire
+from llmswarm_core.wire import ProtocolError
 from llmswarm_node.sessions import ServerLimits, SessionTable
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmswarm.source import INDEX_FILE, ModelSourceError, resolve, smollm2_gguf_path
+from llmswarm_core.source import INDEX_FILE, ModelSourceError, resolve, smollm2_gguf_path
 from llmswarm_node.span import SpanModel
 
 

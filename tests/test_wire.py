@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmswarm import wire
-from llmswarm.wire import ProtocolError, WireLimits
+from llmswarm_core import wire
+from llmswarm_core.wire import ProtocolError, WireLimits
 
 
 def frame_with(header: dict, payload: bytes = b"") -> bytes:

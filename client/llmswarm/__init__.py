@@ -1,6 +1,6 @@
 """llmswarm: run and fine-tune language models split across many block servers.
 
-Names are imported lazily, so ``import llmswarm.cli`` (and the ``llmswarm`` command)
+Names are imported lazily, so ``import llmswarm_cli.main`` (and the ``llmswarm`` command)
 does not load torch before it has set up the process environment.
 """
 

@@ -21,13 +21,13 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
-from llmswarm.arch import architecture_of
 from llmswarm.autograd import remote_blocks
 from llmswarm.coalesce import Coalescer, stacked, trailing_shape
 from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SessionStep, SwarmClient, SwarmError, step_together
-from llmswarm.security import token_from_env
-from llmswarm.source import ModelDir, load_state, resolve
-from llmswarm.threads import torch_threads
+from llmswarm_core.arch import architecture_of
+from llmswarm_core.security import token_from_env
+from llmswarm_core.source import ModelDir, load_state, resolve
+from llmswarm_core.threads import torch_threads
 
 
 class RemoteCache(Cache):

@@ -19,12 +19,12 @@ import requests
 import torch
 from websockets.exceptions import InvalidStatus, WebSocketException
 
-from llmswarm import wire
-from llmswarm.routemap import RouteMap
 from llmswarm.routing import Hop, NoRoute, choose_chain
-from llmswarm.security import client_ssl_context
 from llmswarm.transport import Connection
-from llmswarm.wire import DTYPES, ProtocolError
+from llmswarm_core import wire
+from llmswarm_core.routemap import RouteMap
+from llmswarm_core.security import client_ssl_context
+from llmswarm_core.wire import DTYPES, ProtocolError
 
 log = logging.getLogger("llmswarm.client")
 

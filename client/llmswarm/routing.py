@@ -14,7 +14,7 @@ import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from llmswarm.routemap import ServerRecord
+from llmswarm_core.routemap import ServerRecord
 
 DEFAULT_RTT = 0.005  # seconds, for a server the client has not measured yet
 HOP_OVERHEAD = 0.002  # seconds of serialization and scheduling per hop

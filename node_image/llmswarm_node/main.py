@@ -10,11 +10,10 @@ import re
 import signal
 import sys
 
-from llmswarm.security import TOKEN_ENV, token_from_env
+from llmswarm_core.defaults import DEFAULT_MODEL, FLOAT_DTYPES
+from llmswarm_core.security import TOKEN_ENV, token_from_env
 from llmswarm_node.scheduler import BatchOptions
 from llmswarm_node.sessions import ServerLimits
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,14 +43,14 @@ def parse_span(text: str) -> tuple[int, int]:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerLimits()
-    parser.add_argument("--model", default="smollm2", help="model SPEC (directory, .gguf, org/name or smollm2)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model SPEC (directory, .gguf, org/name or smollm2)")
     parser.add_argument("--blocks", type=parse_span, required=True, metavar="START:END", help="span [START, END)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     parser.add_argument("--public-url", help="URL clients use to reach this server (default http://HOST:PORT)")
     parser.add_argument("--swarm", help="route-map URL to announce this server to")
     parser.add_argument("--server-id", help="stable id in the route map (default: hostname + random suffix)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the blocks")
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute dtype of the blocks")
     parser.add_argument("--device", help="torch device for the blocks (default: cuda when available, else cpu)")
     parser.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
                         help="quantize the blocks' linear layers with bitsandbytes (fits more blocks in memory)")
@@ -86,7 +85,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from llmswarm.source import resolve
+    from llmswarm_core.source import resolve
     from llmswarm_node.server import BlockServer, ServerOptions, serve
     from llmswarm_node.span import SpanModel
 

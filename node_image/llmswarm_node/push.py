@@ -22,9 +22,9 @@ from typing import Any
 
 import aiohttp
 
-from llmswarm import wire
-from llmswarm.routemap import RouteMap
-from llmswarm.security import client_ssl_context
+from llmswarm_core import wire
+from llmswarm_core.routemap import RouteMap
+from llmswarm_core.security import client_ssl_context
 
 log = logging.getLogger("llmswarm.node")
 

@@ -31,10 +31,11 @@ import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from llmswarm import wire
-from llmswarm.routemap import Announcement, ModelInfo, ServerRecord, ServerState
-from llmswarm.security import client_ssl_context, server_ssl_context, token_middleware
-from llmswarm.wire import DTYPES, ProtocolError
+from llmswarm_core import wire
+from llmswarm_core.arch import kv_bytes_per_token, kv_shape
+from llmswarm_core.routemap import Announcement, ModelInfo, ServerRecord, ServerState
+from llmswarm_core.security import client_ssl_context, server_ssl_context, token_middleware
+from llmswarm_core.wire import DTYPES, ProtocolError
 from llmswarm_node.metrics import ServerMetrics
 from llmswarm_node.push import Pusher
 from llmswarm_node.scheduler import BatchOptions, Scheduler
@@ -48,13 +49,7 @@ HEARTBEAT_SECONDS = 2.0
 
 def kv_bytes_per_token_block(span: SpanModel) -> int:
     """Attention-cache bytes one token takes in one block (keys and values)."""
-    config = span.source.config
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
-    if kv_heads is None:
-        kv_heads = 1 if getattr(config, "multi_query", False) else heads
-    return 2 * int(kv_heads) * head_dim * span.dtype.itemsize
+    return kv_bytes_per_token(*kv_shape(span.source.config), span.dtype.itemsize)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmswarm.wire import ProtocolError
+from llmswarm_core.wire import ProtocolError
 
 RETRY_AFTER = 1.0  # seconds a refused client is told to wait
 

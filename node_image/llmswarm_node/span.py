@@ -30,8 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, DynamicCache, PretrainedConfig
 
-from llmswarm.arch import Architecture, span_config
-from llmswarm.source import ModelDir, load_state
+from llmswarm_core.arch import Architecture, span_config
+from llmswarm_core.source import ModelDir, load_state
 from llmswarm_node.decode import DecodePath
 from llmswarm_node.hugepages import pack_in_huge_pages
 

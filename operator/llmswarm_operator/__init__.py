@@ -1,9 +1,7 @@
-"""The llmswarm control plane: placement, the route-map service, the local substrate, the Kopf operator.
+"""The Kopf operator for ``Swarm`` resources.
 
-Importing the package registers the operator's Kopf handlers into Kopf's default registry
-(registration only, nothing runs), so that ``kopf run -m llmswarm_operator`` finds them.
+Importing this package has no side effects: the Kopf handlers are registered by the entry
+modules, :mod:`llmswarm_operator.__main__` (``python -m llmswarm_operator``, into its own
+registry) and :mod:`llmswarm_operator.entry` (``kopf run -m llmswarm_operator.entry``, into
+Kopf's default registry).
 """
-
-from llmswarm_operator.handlers import register_default
-
-register_default()

@@ -7,6 +7,7 @@ import sys
 
 import kopf
 
+from llmswarm_operator.handlers import register
 from llmswarm_operator.runtime import Runtime
 from llmswarm_operator.settings import OperatorSettings, SettingsError
 
@@ -18,7 +19,10 @@ def main() -> int:
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    registry = kopf.OperatorRegistry()
+    register(registry, settings.reconcile_interval)
     kopf.run(
+        registry=registry,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         standalone=not settings.peering,

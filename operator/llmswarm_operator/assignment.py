@@ -22,9 +22,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from llmswarm_control.placement import Placement
+from llmswarm_control.rebalance import Move
+from llmswarm_core.spans import Span, coverage
 from llmswarm_operator.manifests import ASSIGNMENT_FILE, DesiredServer, server_name
-from llmswarm_operator.placement import Placement, Span
-from llmswarm_operator.rebalance import Move, coverage
 
 __all__ = ["ASSIGNMENT_FILE", "Assignment", "fits", "moved"]
 

@@ -149,7 +149,7 @@ _registered: set[int] = set()
 
 
 def register_default() -> None:
-    """Register into Kopf's default registry once (for ``kopf run -m llmswarm_operator``)."""
+    """Register into Kopf's default registry once (for ``kopf run -m llmswarm_operator.entry``)."""
     registry = kopf.get_default_registry()
     if id(registry) not in _registered:
         _registered.add(id(registry))

@@ -16,9 +16,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from llmswarm.routemap import RouteMap
+from llmswarm_control.placement import BlockCost, Placement
+from llmswarm_core.routemap import RouteMap
+from llmswarm_core.spans import Span
 from llmswarm_operator.model_catalog import ModelShape
-from llmswarm_operator.placement import BlockCost, Placement, Span
 from llmswarm_operator.settings import OperatorSettings, package_version
 from llmswarm_operator.swarm_spec import API_VERSION, KIND, PoolSpec, SwarmSpec
 
@@ -275,7 +276,7 @@ def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSetting
                         "name": "routemap",
                         "image": spec.image or settings.image,
                         "imagePullPolicy": settings.image_pull_policy,
-                        "command": ["python", "-m", "llmswarm_operator.routemap_file"],
+                        "command": ["python", "-m", "llmswarm_control.routemap_file"],
                         "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--host", "0.0.0.0", "--port", str(port)],
                         "env": token_env(settings),
                         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmswarm_operator.placement import llama_block_params
+from llmswarm_control.placement import llama_block_params
 
 
 @dataclass(frozen=True)

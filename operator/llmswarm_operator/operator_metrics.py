@@ -8,46 +8,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-SWARM_LABELS = ("namespace", "swarm")
+from llmswarm_control.rebalance_metrics import SWARM_LABELS, RebalanceMetrics, remove_series
+
 SERVER_STATES = ("desired", "ready", "joining", "online", "draining")
-REBALANCE_RESULTS = ("moved", "unchanged", "skipped", "failed")
-
-
-class RebalanceMetrics:
-    """What the rebalancer did, per Swarm (the local substrate uses namespace "" and swarm "local")."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.rounds = Counter("llmswarm_rebalance_rounds", "Rebalance rounds, by result (moved, unchanged, skipped, failed)",
-                              [*SWARM_LABELS, "result"], registry=r)
-        self.moves = Counter("llmswarm_rebalance_moves", "Servers the rebalancer moved to another span", SWARM_LABELS,
-                             registry=r)
-        self.gain = Gauge("llmswarm_rebalance_gain",
-                          "Relative bottleneck gain of the best plan of the last measured round (moved or not)",
-                          SWARM_LABELS, registry=r)
-        self.bottleneck = Gauge("llmswarm_rebalance_bottleneck_tokens_per_second",
-                                "Spare throughput of the bottleneck block at the last measured round", SWARM_LABELS,
-                                registry=r)
-        self.last_move = Gauge("llmswarm_rebalance_last_move_timestamp_seconds",
-                               "Unix time of the last round that moved servers", SWARM_LABELS, registry=r)
-
-    def observe(self, namespace: str, swarm: str, result: str, *, moves: int = 0, gain: float | None = None,
-                bottleneck: float | None = None, when: float | None = None) -> None:
-        key = (namespace, swarm)
-        self.rounds.labels(*key, result).inc()
-        self.moves.labels(*key).inc(moves)
-        if gain is not None:
-            self.gain.labels(*key).set(gain)
-        if bottleneck is not None:
-            self.bottleneck.labels(*key).set(bottleneck)
-        if moves and when is not None:
-            self.last_move.labels(*key).set(when)
-
-    def forget(self, namespace: str, swarm: str) -> None:
-        for metric in (self.moves, self.gain, self.bottleneck, self.last_move):
-            _remove(metric, namespace, swarm)
-        for result in REBALANCE_RESULTS:
-            _remove(self.rounds, namespace, swarm, result)
 
 
 class OperatorMetrics:
@@ -116,9 +79,9 @@ class OperatorMetrics:
         """Drop the series of a deleted Swarm."""
         for gauge in (self.min_replicas, self.target_replicas, self.uncovered, self.ready, self.routemap_version,
                       self.placement_feasible, self.missing_bytes):
-            _remove(gauge, namespace, swarm)
+            remove_series(gauge, namespace, swarm)
         for state in SERVER_STATES:
-            _remove(self.servers, namespace, swarm, state)
+            remove_series(self.servers, namespace, swarm, state)
         self.rebalance.forget(namespace, swarm)
 
     def render(self) -> bytes:
@@ -141,11 +104,3 @@ class OperatorMetrics:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-
-def _remove(metric: Any, *labels: str) -> None:
-    """Drop one labelled series, if it exists."""
-    try:
-        metric.remove(*labels)
-    except KeyError:
-        pass

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmswarm.routemap import ModelInfo, RouteMap, ServerRecord, ServerState
+from llmswarm_core.routemap import ModelInfo, RouteMap, ServerRecord, ServerState
+from llmswarm_core.spans import Span, coverage
 from llmswarm_operator.manifests import DesiredServer
-from llmswarm_operator.placement import Span, coverage
 
 
 @dataclass(frozen=True)

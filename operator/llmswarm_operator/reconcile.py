@@ -17,11 +17,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmswarm.routemap import ModelInfo, RouteMap
+from llmswarm_core.routemap import ModelInfo, RouteMap
+from llmswarm_core.spans import Span
 from llmswarm_operator import manifests as m
 from llmswarm_operator.assignment import Assignment, fits
 from llmswarm_operator.kubeapi import KubeClient, apply
-from llmswarm_operator.placement import Span
 from llmswarm_operator.planner import ExistingServer, ServerEntry, online_coverage, plan_servers, ready_servers, route_map
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import Seen, find_condition, invalid_status, swarm_status

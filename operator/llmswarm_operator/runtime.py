@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from llmswarm_control.load_metrics import LoadSource
 from llmswarm_operator.kubeapi import ApiError, KubeClient
-from llmswarm_operator.load_metrics import LoadSource
 from llmswarm_operator.operator_metrics import OperatorMetrics
 from llmswarm_operator.reconcile import Outcome, reconcile, summary
 from llmswarm_operator.settings import OperatorSettings

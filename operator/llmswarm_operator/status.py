@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmswarm_operator.placement import Placement, ranges
+from llmswarm_control.placement import Placement
+from llmswarm_core.spans import ranges
 from llmswarm_operator.planner import ServerPlan
 
 Body = dict[str, Any]

@@ -7,10 +7,10 @@ Ready). A round:
 
 1. reconciles (the same level-based step as the reconcile timer) and goes on only when
    the Swarm is still ``Ready``: no rollout or earlier move is in progress;
-2. measures every online server (:class:`~llmswarm_operator.load_metrics.PrometheusSource`
+2. measures every online server (:class:`~llmswarm_control.load_metrics.PrometheusSource`
    with ``spec.rebalance.prometheusUrl``, else
-   :class:`~llmswarm_operator.load_metrics.ScrapeSource` on each server's Service);
-3. plans with :func:`~llmswarm_operator.rebalance.plan` (``minGain`` from the spec, at most
+   :class:`~llmswarm_control.load_metrics.ScrapeSource` on each server's Service);
+3. plans with :func:`~llmswarm_control.rebalance.plan` (``minGain`` from the spec, at most
    the operator's ``rebalance_max_moves`` servers);
 4. if servers move, reconciles again with the new :class:`~llmswarm_operator.assignment.Assignment`:
    the moved servers' new Deployments are created next to the old ones, which drain only
@@ -29,11 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llmswarm_control.load_metrics import LoadSource, MetricsError, PrometheusSource, ScrapeSource, Target
+from llmswarm_control.rebalance import Plan, Server, plan
 from llmswarm_operator import manifests as m
 from llmswarm_operator.assignment import moved
 from llmswarm_operator.kubeapi import KubeClient
-from llmswarm_operator.load_metrics import LoadSource, MetricsError, PrometheusSource, ScrapeSource, Target
-from llmswarm_operator.rebalance import Plan, Server, plan
 from llmswarm_operator.reconcile import Outcome, reconcile
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import find_condition

@@ -16,8 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from llmswarm_operator.model_catalog import CATALOG, ModelShape, llama_shape
-from llmswarm_operator.placement import (
+from llmswarm_control.placement import (
     DTYPE_BYTES,
     BlockCost,
     Placement,
@@ -26,6 +25,8 @@ from llmswarm_operator.placement import (
     kv_cache_bytes_per_token,
     place,
 )
+from llmswarm_core.defaults import DEFAULT_MODEL, ROUTE_MAP_PORT
+from llmswarm_operator.model_catalog import CATALOG, ModelShape, llama_shape
 
 GROUP = "llmswarm.dev"
 VERSION = "v1alpha1"
@@ -109,7 +110,7 @@ class Architecture(_Spec):
 
 
 class ModelSpec(_Spec):
-    source: Annotated[str, Field(min_length=1, max_length=512)] = "smollm2"
+    source: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_MODEL
     name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     dtype: Dtype = "float32"
     quantization: Quantization = "none"
@@ -181,7 +182,7 @@ class RebalanceSpec(_Spec):
 class RouteMapSpec(_Spec):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     external_address: str = ""
-    port: Annotated[int, Field(ge=1, le=65535)] = 8700
+    port: Annotated[int, Field(ge=1, le=65535)] = ROUTE_MAP_PORT
 
 
 class SwarmSpec(_Spec):

@@ -356,9 +356,9 @@ def test_a_swarm_name_the_operator_cannot_use_is_refused() -> None:
 
 
 def test_gateway_runs_the_real_gateway_command() -> None:
-    from llmswarm.cli import build_parser
     from llmswarm.gateway.app import Gateway
     from llmswarm.gateway.cli import options_from_args
+    from llmswarm_cli.main import build_parser
 
     r = render({"gateway": {"enabled": True, "extraArgs": ["--max-concurrent", "16"]}, "swarm": {"create": True},
                 "token": {"existingSecret": "swarm-token"}})
@@ -532,7 +532,7 @@ def test_notes_name_objects_that_exist(values: Any) -> None:
 def _parse_llmswarm(command: str) -> None:
     import shlex
 
-    from llmswarm.cli import build_parser
+    from llmswarm_cli.main import build_parser
 
     argv = shlex.split(command)[1:]
     build_parser().parse_args(argv)

@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from llmswarm.cli import build_parser
+from llmswarm_cli.main import build_parser
 from llmswarm_operator.swarm_spec import parse_spec, plan_placement
 from tests.chart.crd_schema import swarm_schema
 from tests.chart.rendering import NAMESPACE, ROOT, load_chart, merge, render

@@ -15,7 +15,7 @@ import requests
 from aiohttp import web
 
 from llmswarm.gateway.options import GatewayOptions
-from llmswarm.routemap import ModelInfo, RouteMap
+from llmswarm_core.routemap import ModelInfo, RouteMap
 from tests.gateway.conftest import TOKEN, GatewayThread, metric
 
 pytestmark = pytest.mark.integration

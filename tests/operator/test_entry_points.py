@@ -1,4 +1,4 @@
-"""``python -m llmswarm_operator`` and ``kopf run -m llmswarm_operator`` run the operator as a process."""
+"""``python -m llmswarm_operator`` and ``kopf run -m llmswarm_operator.entry`` run the operator as a process."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.operator.conftest import eventually, free_port
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {
     "python-m": [sys.executable, "-m", "llmswarm_operator"],
-    "kopf-run": [str(Path(sys.prefix) / "bin" / "kopf"), "run", "-m", "llmswarm_operator", "--standalone", "--all-namespaces"],
+    "kopf-run": [str(Path(sys.prefix) / "bin" / "kopf"), "run", "-m", "llmswarm_operator.entry", "--standalone", "--all-namespaces"],
 }
 
 

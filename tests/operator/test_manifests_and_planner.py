@@ -9,10 +9,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llmswarm.routemap import ModelInfo
+from llmswarm_core.routemap import ModelInfo
+from llmswarm_core.spans import Span
 from llmswarm_operator import manifests as m
 from llmswarm_operator.kubeapi import APPLIED_ANNOTATION, HASH_ANNOTATION, manifest_hash, merge, removals, with_hash
-from llmswarm_operator.placement import Span
 from llmswarm_operator.planner import ExistingServer, online_coverage, plan_servers, pod_ready, ready_servers, route_map
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import Seen, invalid_status, swarm_status

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import yaml
 
-from llmswarm.routemap import RouteMap
+from llmswarm_core.routemap import RouteMap
 from llmswarm_operator.manifests import LABEL_SWARM, desired_servers, routemap_name
 from llmswarm_operator.swarm_spec import parse_spec, plan_placement
 from tests.operator.conftest import INTERVAL, Cluster, Operator, eventually, start_operator

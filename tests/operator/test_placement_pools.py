@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmswarm_operator.placement import (
+from llmswarm_control.placement import (
     GIB,
     BlockCost,
     Placement,

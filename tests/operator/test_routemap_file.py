@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from llmswarm.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
-from llmswarm_operator.routemap_file import FileRouteMapService
+from llmswarm_control.routemap_file import FileRouteMapService
+from llmswarm_core.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
 
 MODEL = ModelInfo(name="SmolLM2-135M-Instruct", num_blocks=30, hidden_size=576)
 

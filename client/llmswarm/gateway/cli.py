@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from llmswarm.gateway.options import DEFAULT_PORT, GatewayOptions
+from llmswarm_core.defaults import FLOAT_DTYPES
 
 TOKEN_ENV = "LLMSWARM_TOKEN"
 
@@ -28,7 +29,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
     parser.add_argument("--token", help=f"API key clients must send as a bearer token, also sent to the swarm (default: ${TOKEN_ENV})")
     parser.add_argument("--served-model-name", help="the model name clients use (default: the route map's model name)")
-    parser.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default=defaults.wire_dtype,
+    parser.add_argument("--wire-dtype", choices=FLOAT_DTYPES, default=defaults.wire_dtype,
                         help="dtype of hidden states on the wire")
     parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent, help="generations running at once")
     parser.add_argument("--max-queued", type=int, default=defaults.max_queued, help="requests waiting for a slot before 429")

@@ -304,7 +304,7 @@ class Engine:
 
     def _generate(self, job: Job) -> Finished | Failed:
         from llmswarm.remote import SwarmError
-        from llmswarm.wire import ProtocolError
+        from llmswarm_core.wire import ProtocolError
 
         model, params = self.model, job.params
         prompt_length = len(job.prompt_ids)

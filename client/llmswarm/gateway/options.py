@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmswarm_core.defaults import DEFAULT_MODEL, FLOAT_DTYPES
+
 DEFAULT_PORT = 8080
 
 
 @dataclass
 class GatewayOptions:
     swarm: str  # route-map URL of the swarm
-    model: str = "smollm2"  # model SPEC for the client's local part (embeddings, LM head, tokenizer)
+    model: str = DEFAULT_MODEL  # model SPEC for the client's local part (embeddings, LM head, tokenizer)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0 picks a free port
     token: str | None = None  # API key clients must send as a bearer token; also sent to the swarm
@@ -34,7 +36,7 @@ class GatewayOptions:
             (self.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024"),
             (self.write_timeout > 0, "--write-timeout must be above 0"),
             (0 <= self.port <= 65535, "--port must be between 0 and 65535"),
-            (self.wire_dtype in ("float32", "float16", "bfloat16"), "--wire-dtype must be float32, float16 or bfloat16"),
+            (self.wire_dtype in FLOAT_DTYPES, "--wire-dtype must be float32, float16 or bfloat16"),
             (self.token is None or (self.token.strip() == self.token and self.token != ""), "the token must not be empty or padded"),
         ]
         for ok, message in checks:

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from llmswarm.arch import Architecture, architecture_of
+from llmswarm_core.arch import Architecture, architecture_of
+from llmswarm_core.defaults import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INDEX_FILE = "model.safetensors.index.json"
 CACHE_FORMAT = 1

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llmswarm_core.spans import coverage
+
 ServerState = Literal["joining", "online", "draining"]
 STATES: tuple[ServerState, ...] = ("joining", "online", "draining")
 
@@ -70,9 +72,4 @@ class RouteMap(_Schema):
         """Number of servers in `states` covering each block."""
         if self.model is None:
             return []
-        counts = [0] * self.model.num_blocks
-        for server in self.servers:
-            if server.state in states:
-                for block in range(server.start, server.end):
-                    counts[block] += 1
-        return counts
+        return coverage(self.model.num_blocks, [s.span for s in self.servers if s.state in states])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from llmswarm.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
+from llmswarm_core.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
 
 
 class ModelMismatch(ValueError):

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmswarm_operator.placement import Span, coverage
+from llmswarm_core.spans import Span, coverage
 
 #: Relative tolerance (of the mean block capacity) under which two levels are the same.
 _TOL = 1e-9
@@ -113,19 +113,15 @@ class Plan:
 
 def block_demand(num_blocks: int, servers: Iterable[Server]) -> list[float]:
     """Tokens/s of demand through each block: the load of the servers holding it."""
-    demand = np.zeros(num_blocks)
-    for s in servers:
-        demand[s.span.start:s.span.end] += s.load
-    return [float(x) for x in demand]
+    servers = list(servers)
+    return coverage(num_blocks, [s.span for s in servers], [s.load for s in servers])
 
 
 def block_capacity(num_blocks: int, servers: Iterable[Server], spans: Mapping[str, Span] | None = None) -> list[float]:
     """Tokens/s each block can serve: the throughput of the servers holding it (at `spans`, else where they are)."""
-    capacity = np.zeros(num_blocks)
-    for s in servers:
-        span = spans.get(s.id, s.span) if spans is not None else s.span
-        capacity[span.start:span.end] += s.throughput
-    return [float(x) for x in capacity]
+    servers = list(servers)
+    where = [spans.get(s.id, s.span) if spans is not None else s.span for s in servers]
+    return coverage(num_blocks, where, [s.throughput for s in servers])
 
 
 def spare(num_blocks: int, servers: Sequence[Server], demand: Sequence[float] | None = None,
@@ -242,7 +238,7 @@ def _best_move(state: _State) -> tuple[tuple[float, ...], int, int] | None:
     return best
 
 
-def _search(state: _State, max_moves: int, max_steps: int | None = None,
+def search(state: _State, max_moves: int, max_steps: int | None = None,
             deadline: float | None = None) -> tuple[list[tuple[int, int, int]], list[float], bool]:
     """Greedy moves from `state` (changed in place). Returns (server, old start, new start) per step, the
     bottleneck after each step, and whether the search ended at a local optimum."""
@@ -265,7 +261,7 @@ def _search(state: _State, max_moves: int, max_steps: int | None = None,
         lows.append(state.bottom()[0])
 
 
-def _state(num_blocks: int, spans: Sequence[Span], heights: Sequence[float], level: np.ndarray,
+def search_state(num_blocks: int, spans: Sequence[Span], heights: Sequence[float], level: np.ndarray,
            redundancy: int, movable: Sequence[bool], disruption: Sequence[float]) -> _State:
     cov = np.array(coverage(num_blocks, spans), dtype=np.int64)
     mean_capacity = float(np.mean(np.maximum(level, 0))) if level.size else 0.0
@@ -328,9 +324,9 @@ def plan(
         return unchanged("no servers")
     if max_moves == 0:
         return unchanged("moves are disabled (max_moves = 0)")
-    state = _state(num_blocks, [s.span for s in servers], [s.throughput for s in servers], level, redundancy,
+    state = search_state(num_blocks, [s.span for s in servers], [s.throughput for s in servers], level, redundancy,
                    [s.movable for s in servers], [s.utilisation for s in servers])
-    steps, lows, complete = _search(state, max_moves)
+    steps, lows, complete = search(state, max_moves)
     if not steps:
         return unchanged("balanced: no move raises the bottleneck", complete=complete)
     best = max(lows)
@@ -360,68 +356,3 @@ def apply_moves(servers: Sequence[Server], moves: Iterable[Move]) -> list[Server
 
 
 # ---- placing from scratch (the benchmark's fresh plan) ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """A server before it has a span: block-tokens/s it can compute, and how many blocks fit in its memory."""
-
-    id: str
-    capacity: float  # tokens/s x blocks: a span of L blocks serves capacity / L tokens/s
-    max_blocks: int
-
-    def __post_init__(self) -> None:
-        if not (self.capacity > 0 and math.isfinite(self.capacity)):
-            raise ValueError(f"server {self.id}: capacity must be a positive number")
-        if self.max_blocks < 1:
-            raise ValueError(f"server {self.id}: max_blocks must be >= 1")
-
-
-def upper_bound(num_blocks: int, servers: Iterable[Capacity]) -> float:
-    """No placement's bottleneck exceeds total capacity / blocks: the blocks' throughputs always add up to it."""
-    return sum(s.capacity for s in servers) / num_blocks
-
-
-def fresh_plan(num_blocks: int, servers: Sequence[Capacity], redundancy: int = 1, polish_seconds: float = 0.5) -> dict[str, Span]:
-    """Spans for `servers` whose bottleneck throughput comes close to :func:`upper_bound`.
-
-    Every server takes as many blocks as it can hold (the finest grain of throughput),
-    largest throughput per block first, each into the window that reaches the most blocks
-    still short of `redundancy`, then the least throughput; then greedy moves (as in
-    :func:`plan`, with no minimum gain) polish the result for up to `polish_seconds`.
-    """
-    if num_blocks < 1 or redundancy < 1:
-        raise ValueError("num_blocks and redundancy must be >= 1")
-    lengths = [min(s.max_blocks, num_blocks) for s in servers]
-    heights = [s.capacity / length for s, length in zip(servers, lengths, strict=True)]
-    level = np.zeros(num_blocks)
-    cov = np.zeros(num_blocks, dtype=np.int64)
-    starts = [0] * len(servers)
-    order = sorted(range(len(servers)), key=lambda i: (-heights[i], -lengths[i], i))
-    for i in order:
-        length = lengths[i]
-        short = (cov < redundancy).astype(np.int64)
-        window_short = np.convolve(short, np.ones(length, dtype=np.int64), mode="valid")
-        window_level = np.convolve(level, np.ones(length), mode="valid")
-        start = int(np.lexsort((np.arange(window_level.size), window_level, -window_short))[0])
-        starts[i] = start
-        level[start:start + length] += heights[i]
-        cov[start:start + length] += 1
-    spans = [Span(st, st + length) for st, length in zip(starts, lengths, strict=True)]
-    state = _state(num_blocks, spans, heights, level, redundancy, [True] * len(servers), [0.0] * len(servers))
-    deadline = time.perf_counter() + polish_seconds
-    while time.perf_counter() < deadline:
-        state.moved.clear()
-        steps, _, complete = _search(state, max_moves=len(servers), max_steps=64, deadline=deadline)
-        if complete or not steps:
-            break
-    return {s.id: Span(int(state.starts[i]), int(state.starts[i] + state.lengths[i])) for i, s in enumerate(servers)}
-
-
-def capacity_bottleneck(num_blocks: int, servers: Sequence[Capacity], spans: Mapping[str, Span]) -> float:
-    """Bottleneck throughput of a placement in the capacity model (a span of L blocks serves capacity / L)."""
-    level = np.zeros(num_blocks)
-    for s in servers:
-        span = spans[s.id]
-        level[span.start:span.end] += s.capacity / len(span)
-    return float(level.min())

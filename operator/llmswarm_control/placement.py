@@ -33,8 +33,11 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from llmswarm_core.arch import kv_bytes_per_token
+from llmswarm_core.spans import Span, coverage, ranges
 
 GIB = 1024**3
 
@@ -50,22 +53,6 @@ class PlacementError(ValueError):
     def __init__(self, message: str, uncovered: list[int]) -> None:
         super().__init__(message)
         self.uncovered = uncovered
-
-
-@dataclass(frozen=True)
-class Span:
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
-            raise ValueError(f"invalid span [{self.start}, {self.end})")
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __str__(self) -> str:
-        return f"{self.start}:{self.end}"
 
 
 @dataclass(frozen=True)
@@ -138,11 +125,6 @@ class Placement:
         return [b for b, c in enumerate(self.coverage) if c < self.redundancy]
 
     @property
-    def uncovered_blocks(self) -> list[int]:
-        """Blocks no server holds."""
-        return [b for b, c in enumerate(self.coverage) if c == 0]
-
-    @property
     def feasible(self) -> bool:
         return not self.short_blocks
 
@@ -200,19 +182,10 @@ def estimate_block_bytes(params_per_block: int, hidden_size: int, dtype: str = "
 
 def kv_cache_bytes_per_token(num_key_value_heads: int, head_dim: int, dtype: str = "float32") -> int:
     """Attention-cache bytes one token takes in one block (keys and values, in the compute dtype)."""
-    return 2 * num_key_value_heads * head_dim * DTYPE_BYTES[dtype]
+    return kv_bytes_per_token(num_key_value_heads, head_dim, DTYPE_BYTES[dtype])
 
 
 # ---- placement -----------------------------------------------------------------------------------------------------
-
-
-def coverage(num_blocks: int, spans: Iterable[Span]) -> list[int]:
-    """How many of `spans` hold each block."""
-    counts = [0] * num_blocks
-    for span in spans:
-        for block in range(span.start, min(span.end, num_blocks)):
-            counts[block] += 1
-    return counts
 
 
 def best_window(coverage: list[int], size: int) -> int:
@@ -328,8 +301,7 @@ def _arrange_counts(
             continue
         seen.add(signature)
         arrangement = _arrange(num_blocks, lengths)
-        coverage = _coverage(num_blocks, arrangement)
-        if min(coverage) >= redundancy:
+        if min(coverage(num_blocks, [span for _, _, span in arrangement])) >= redundancy:
             return arrangement
     return None
 
@@ -352,14 +324,6 @@ def _arrange(num_blocks: int, lengths: list[tuple[_Slot, int, int]]) -> list[tup
     return placed
 
 
-def _coverage(num_blocks: int, arrangement: list[tuple[_Slot, int, Span]]) -> list[int]:
-    coverage = [0] * num_blocks
-    for _, _, span in arrangement:
-        for block in range(span.start, span.end):
-            coverage[block] += 1
-    return coverage
-
-
 def _result(
     num_blocks: int,
     redundancy: int,
@@ -377,16 +341,16 @@ def _result(
         index = per_pool.get(slot.pool.name, 0)
         per_pool[slot.pool.name] = index + 1
         servers.append(PlacedServer(slot.pool.name, index, span))
-    coverage = _coverage(num_blocks, arrangement)
-    short = [b for b, c in enumerate(coverage) if c < redundancy]
-    missing_copies = sum(max(0, redundancy - c) for c in coverage)
+    counted = coverage(num_blocks, [span for _, _, span in arrangement])
+    short = [b for b, c in enumerate(counted) if c < redundancy]
+    missing_copies = sum(max(0, redundancy - c) for c in counted)
     missing_bytes = missing_copies * cost.total
     message = ""
     if short:
         capacity = sum(counts[s.pool.name] * s.cap for s in usable)
         used = ", ".join(f"{counts[s.pool.name]} x {s.pool.name} (up to {s.cap} blocks each)" for s in usable) or "no usable server"
         message = (
-            f"{used} cannot hold {num_blocks} blocks {redundancy} times: blocks {_ranges(short)} have fewer than "
+            f"{used} cannot hold {num_blocks} blocks {redundancy} times: blocks {ranges(short)} have fewer than "
             f"{redundancy} servers; {missing_copies} block copies are missing"
         )
         if cost.total:
@@ -398,7 +362,7 @@ def _result(
         if notes:
             message += "; " + "; ".join(notes)
     return Placement(
-        num_blocks=num_blocks, redundancy=redundancy, servers=tuple(servers), coverage=tuple(coverage),
+        num_blocks=num_blocks, redundancy=redundancy, servers=tuple(servers), coverage=tuple(counted),
         capacity=dict(caps), missing_bytes=missing_bytes, message=message, notes=notes,
     )
 
@@ -438,26 +402,11 @@ def place_spans(
     if short:
         raise PlacementError(
             f"{servers} servers of {blocks_per_server} blocks cannot hold {num_blocks} blocks {redundancy} times: "
-            f"blocks {_ranges(short)} have fewer than {redundancy} servers "
+            f"blocks {ranges(short)} have fewer than {redundancy} servers "
             f"(need at least {redundancy * math.ceil(num_blocks / blocks_per_server)} servers)",
             short,
         )
     return [s.span for s in placement.servers]
-
-
-def _ranges(blocks: list[int]) -> str:
-    """[0, 1, 2, 5] -> "[0, 3), [5, 6)"."""
-    parts, begin = [], blocks[0]
-    for prev, cur in zip(blocks, [*blocks[1:], None], strict=True):
-        if cur != prev + 1 if cur is not None else True:
-            parts.append(f"[{begin}, {prev + 1})")
-            begin = cur if cur is not None else begin
-    return ", ".join(parts)
-
-
-def ranges(blocks: Sequence[int]) -> str:
-    """Block indices as half-open ranges, e.g. ``[0, 3), [5, 6)``; empty string for none."""
-    return _ranges(sorted(blocks)) if blocks else ""
 
 
 def _gib(n: int) -> str:

@@ -4,7 +4,7 @@
 same placement function the Kubernetes operator uses. The servers it starts are
 ``local-N``, N their index in ``processes``; :meth:`LocalSwarm.move` gives a server a new span make-before-break (a
 new process ``local-M`` on the new span, online before the old one drains), which is how
-the rebalancer (:mod:`llmswarm_operator.local_rebalance`) acts.
+the rebalancer (:mod:`llmswarm_local.rebalancer`) acts.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from tqdm.auto import tqdm
 
-from llmswarm.routemap import ModelInfo, RouteMap
-from llmswarm.security import TOKEN_ENV, server_ssl_context
-from llmswarm.source import resolve
-from llmswarm.threads import shared_cores_env
-from llmswarm_operator.placement import Span, place_spans
-from llmswarm_operator.routemap_service import RouteMapService
+from llmswarm_control.placement import place_spans
+from llmswarm_control.routemap_service import RouteMapService
+from llmswarm_core.defaults import DEFAULT_MODEL, ROUTE_MAP_PORT
+from llmswarm_core.routemap import ModelInfo, RouteMap
+from llmswarm_core.security import TOKEN_ENV, server_ssl_context
+from llmswarm_core.source import resolve
+from llmswarm_core.spans import Span
+from llmswarm_core.threads import shared_cores_env
 
 
 class LocalSwarmError(RuntimeError):
@@ -39,12 +41,12 @@ class LocalSwarmError(RuntimeError):
 
 @dataclass
 class LocalSwarmOptions:
-    model: str = "smollm2"
+    model: str = DEFAULT_MODEL
     servers: int | None = 3
     redundancy: int = 1
     blocks_per_server: int | None = None
     host: str = "127.0.0.1"
-    port: int = 8700  # route map; 0 picks a free port
+    port: int = ROUTE_MAP_PORT  # route map; 0 picks a free port
     dtype: str = "float32"
     threads: int = 0  # torch threads per server (0: torch's default)
     server_args: list[str] = field(default_factory=list)  # extra `llmswarm serve` arguments

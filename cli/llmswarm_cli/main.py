@@ -9,9 +9,8 @@ import sys
 import threading
 from typing import Any
 
-from llmswarm.threads import shared_cores_env
-
-DEFAULT_SWARM = "http://127.0.0.1:8700"
+from llmswarm_core.defaults import DEFAULT_MODEL, DEFAULT_SWARM, FLOAT_DTYPES, ROUTE_MAP_PORT
+from llmswarm_core.threads import shared_cores_env
 
 
 def _load_model(args: argparse.Namespace) -> Any:
@@ -70,7 +69,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_routes(args: argparse.Namespace) -> int:
     from llmswarm.remote import ClientConfig, SwarmClient
-    from llmswarm.security import token_from_env
+    from llmswarm_core.security import token_from_env
 
     routes = SwarmClient(args.swarm, ClientConfig(token=token_from_env(args.token), tls_ca=args.tls_ca)).routes()
     model = routes.model
@@ -89,9 +88,9 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from llmswarm.security import token_from_env
-    from llmswarm_operator.local import LocalSwarm, LocalSwarmError, LocalSwarmOptions
-    from llmswarm_operator.placement import PlacementError
+    from llmswarm_control.placement import PlacementError
+    from llmswarm_core.security import token_from_env
+    from llmswarm_local.swarm import LocalSwarm, LocalSwarmError, LocalSwarmOptions
 
     options = LocalSwarmOptions(
         model=args.model, servers=args.servers, redundancy=args.redundancy,
@@ -103,7 +102,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         options.servers = None
     rebalance_options = None
     if args.rebalance:
-        from llmswarm_operator.local_rebalance import RebalanceOptions
+        from llmswarm_local.rebalancer import RebalanceOptions
 
         try:
             rebalance_options = RebalanceOptions(interval=args.rebalance_interval, min_gain=args.min_gain,
@@ -122,7 +121,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for span, log in zip(swarm.spans, swarm.log_files, strict=True):
             print(f"  server blocks {span}  log {log}", flush=True)
         if rebalance_options is not None:
-            from llmswarm_operator.local_rebalance import LocalRebalancer
+            from llmswarm_local.rebalancer import LocalRebalancer
 
             rebalancer = LocalRebalancer(swarm, rebalance_options, report=lambda text: print(text, flush=True)).start()
             where = rebalance_options.prometheus_url or "the servers' /metrics"
@@ -160,7 +159,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    parser.add_argument("--wire-dtype", choices=FLOAT_DTYPES, default="float32",
                         help="dtype of hidden states on the wire")
 
 
@@ -171,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start a local swarm (route map + block servers) in the foreground")
-    up.add_argument("--model", default="smollm2", help="model SPEC (directory, .gguf, org/name or smollm2)")
+    up.add_argument("--model", default=DEFAULT_MODEL, help="model SPEC (directory, .gguf, org/name or smollm2)")
     up.add_argument("--servers", type=int, default=None, help="number of block servers (default 3)")
     up.add_argument("--redundancy", type=int, default=1, help="servers per block")
     up.add_argument("--blocks-per-server", type=int, default=None, help="fix the span size")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8700, help="route-map port")
-    up.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    up.add_argument("--port", type=int, default=ROUTE_MAP_PORT, help="route-map port")
+    up.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
     up.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
                     help="quantize the servers' blocks with bitsandbytes")
     up.add_argument("--threads", type=int, default=0, help="torch threads per server")
@@ -200,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("generate", cmd_generate, "answer one prompt"), ("chat", cmd_chat, "interactive chat")):
         command = sub.add_parser(name, help=f"{text} through a swarm (chat template applied, streamed)")
         command.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")
-        command.add_argument("--model", default="smollm2", help="model SPEC for the client's local part")
+        command.add_argument("--model", default=DEFAULT_MODEL, help="model SPEC for the client's local part")
         _add_generation_arguments(command)
         command.add_argument("--token", help="swarm token (default: $LLMSWARM_TOKEN)")
         command.add_argument("--tls-ca", help="CA bundle (PEM) to verify https servers")

@@ -1,9 +1,9 @@
 """The rebalancer of the local substrate (``llmswarm up --rebalance``): a thin loop over the pure planner.
 
 Every ``interval`` seconds, one round: read the route map, measure the online servers
-(:mod:`~llmswarm_operator.load_metrics`: Prometheus when a URL is given, else their
-``/metrics``), plan (:func:`~llmswarm_operator.rebalance.plan`) and run the moves one at a
-time with :meth:`LocalSwarm.move <llmswarm_operator.local.LocalSwarm.move>`
+(:mod:`~llmswarm_control.load_metrics`: Prometheus when a URL is given, else their
+``/metrics``), plan (:func:`~llmswarm_control.rebalance.plan`) and run the moves one at a
+time with :meth:`LocalSwarm.move <llmswarm_local.swarm.LocalSwarm.move>`
 (make-before-break). A round is skipped while a server is joining or draining, and until
 a full measuring window has passed since the last move, so every plan sees load measured
 on the current spans.
@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmswarm.security import client_ssl_context
-from llmswarm_operator.load_metrics import LoadSource, MetricsError, PrometheusSource, ScrapeSource, Target
-from llmswarm_operator.local import LocalSwarm, LocalSwarmError
-from llmswarm_operator.operator_metrics import RebalanceMetrics
-from llmswarm_operator.placement import Span
-from llmswarm_operator.rebalance import Move, Plan, Server, plan
+from llmswarm_control.load_metrics import LoadSource, MetricsError, PrometheusSource, ScrapeSource, Target
+from llmswarm_control.rebalance import Move, Plan, Server, plan
+from llmswarm_control.rebalance_metrics import RebalanceMetrics
+from llmswarm_core.security import client_ssl_context
+from llmswarm_core.spans import Span
+from llmswarm_local.swarm import LocalSwarm, LocalSwarmError
 
 log = logging.getLogger("llmswarm.rebalance")
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,25 @@ def architecture_of(config: PretrainedConfig) -> Architecture:
         raise UnsupportedArchitecture(
             f"model_type {config.model_type!r} is not supported (supported: {supported})"
         ) from None
+
+
+def kv_bytes_per_token(num_key_value_heads: int, head_dim: int, itemsize: int) -> int:
+    """Attention-cache bytes one token takes in one block: keys and values, `itemsize` bytes per number."""
+    return 2 * num_key_value_heads * head_dim * itemsize
+
+
+def kv_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """(key/value heads, head size) of one block's attention, whatever the architecture calls them.
+
+    Llama-likes say ``num_key_value_heads``, Falcon ``num_kv_heads`` (or ``multi_query`` for one
+    shared head); otherwise every attention head has its own keys and values.
+    """
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+    if kv_heads is None:
+        kv_heads = 1 if getattr(config, "multi_query", False) else heads
+    return int(kv_heads), head_dim
 
 
 def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:

@@ -19,11 +19,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 
-from llmswarm.routemap import STATES, Announcement, ModelInfo, RouteMap
-from llmswarm.security import token_middleware
-from llmswarm_operator.routetable import ModelMismatch, RouteTable
+from llmswarm_control.routetable import ModelMismatch, RouteTable
+from llmswarm_core.routemap import STATES, Announcement, ModelInfo, RouteMap
+from llmswarm_core.security import token_middleware
 
-log = logging.getLogger("llmswarm.routemap")
+log = logging.getLogger("llmswarm_core.routemap")
 
 MAX_BODY_BYTES = 64 * 1024
 

@@ -1,7 +1,7 @@
 """The route-map service on Kubernetes: the operator's map from a file, enriched by announcements.
 
-``python -m llmswarm_operator.routemap_file --routes /etc/llmswarm/routes.json`` serves the
-same API as :mod:`llmswarm_operator.routemap_service`:
+``python -m llmswarm_control.routemap_file --routes /etc/llmswarm/routes.json`` serves the
+same API as :mod:`llmswarm_control.routemap_service`:
 
   GET    /v1/routes          the map (RouteMap JSON)
   POST   /v1/servers         announce or heartbeat (Announcement JSON)
@@ -29,12 +29,13 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
-from llmswarm.routemap import Announcement, RouteMap, ServerRecord
-from llmswarm.security import TOKEN_ENV, token_from_env, token_middleware
-from llmswarm_operator.routemap_service import MAX_BODY_BYTES, RouteMapMetrics, read_announcement
-from llmswarm_operator.routetable import ModelMismatch, RouteTable
+from llmswarm_control.routemap_service import MAX_BODY_BYTES, RouteMapMetrics, read_announcement
+from llmswarm_control.routetable import ModelMismatch, RouteTable
+from llmswarm_core.defaults import ROUTE_MAP_PORT
+from llmswarm_core.routemap import Announcement, RouteMap, ServerRecord
+from llmswarm_core.security import TOKEN_ENV, token_from_env, token_middleware
 
-log = logging.getLogger("llmswarm.routemap")
+log = logging.getLogger("llmswarm_core.routemap")
 
 
 
@@ -169,11 +170,11 @@ class FileRouteMapService:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmswarm_operator.routemap_file", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m llmswarm_control.routemap_file", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--routes", type=Path, required=True, help="route-map JSON file (the operator's ConfigMap)")
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8700)
+    parser.add_argument("--port", type=int, default=ROUTE_MAP_PORT)
     parser.add_argument("--reload-interval", type=float, default=1.0, help="seconds between checks of the file")
     parser.add_argument("--token", help=f"swarm token required on /v1 requests (default: ${TOKEN_ENV})")
     args = parser.parse_args(argv)

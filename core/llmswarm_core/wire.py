@@ -29,7 +29,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -46,7 +46,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int64", "int32", "bool")
 WireDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -161,6 +160,80 @@ class BackwardRequest(_Stateless):
 
 
 SessionRequest = OpenRequest | StepRequest | CloseRequest
+
+
+# ---- replies -------------------------------------------------------------------------------------------------------
+# Replies are checked on the client as requests are on the server: a reply that does not fit its type is a
+# server defect, reported as ProtocolError("internal") rather than a KeyError deep inside the client.
+
+
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OpenedReply(_Reply):
+    kind: Literal["opened"] = "opened"
+    session: NonNegInt
+    push_key: Annotated[str, Field(min_length=16, max_length=64)] | None = None  # None: the server takes no pushes
+    request_id: NonNegInt | None = None
+
+
+class OutputReply(_Reply):
+    """A step's or a stateless forward's output (tensor ``hidden``)."""
+
+    kind: Literal["output"] = "output"
+    session: NonNegInt | None = None
+    request_id: NonNegInt | None = None
+    pushed: bool | None = None  # the server handed the output on to the next server too
+
+
+class ClosedReply(_Reply):
+    kind: Literal["closed"] = "closed"
+    session: NonNegInt
+    request_id: NonNegInt | None = None
+
+
+class GradientsReply(_Reply):
+    """A backward's result (tensors ``grad_hidden`` and, with deep prompts, ``grad_prompts``)."""
+
+    kind: Literal["gradients"] = "gradients"
+    request_id: NonNegInt | None = None
+
+
+class ErrorReply(_Reply):
+    kind: Literal["error"] = "error"
+    code: Annotated[str, Field(min_length=1, max_length=64)]
+    message: Annotated[str, Field(max_length=64 * 1024)] = ""
+    retryable: bool = False
+    retry_after: Annotated[float, Field(ge=0, le=3600)] | None = None
+    request_id: NonNegInt | None = None
+
+
+Reply = OpenedReply | OutputReply | ClosedReply | GradientsReply
+_REPLIES: dict[str, type[_Reply]] = {"opened": OpenedReply, "output": OutputReply, "closed": ClosedReply, "gradients": GradientsReply}
+
+
+def reply_frame(reply: Reply | ErrorReply, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Encode a typed reply (the server side of :func:`parse_reply`)."""
+    return encode(reply.model_dump(exclude_none=True), tensors)
+
+
+def request_frame(request: _Strict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Encode a typed request (the client side of :func:`parse_request`)."""
+    return encode(request.model_dump(exclude_none=True), tensors)
+
+
+def parse_reply(frame: Frame, expected: type[_ReplyT]) -> _ReplyT:
+    """On the client: an ``error`` reply raises its ProtocolError; any other must be an `expected` reply."""
+    raise_if_error(frame)
+    if frame.kind != expected.model_fields["kind"].default:
+        raise ProtocolError("internal", f"unexpected reply {frame.kind!r}, expected {expected.model_fields['kind'].default!r}")
+    try:
+        return expected.model_validate(frame.header)
+    except ValidationError as error:
+        raise ProtocolError("internal", f"malformed {frame.kind} reply: {_first_error(error)}") from None
+
+
 _REQUESTS: dict[str, type[_Strict]] = {
     "open": OpenRequest,
     "step": StepRequest,
@@ -169,6 +242,9 @@ _REQUESTS: dict[str, type[_Strict]] = {
     "forward": ForwardRequest,
     "backward": BackwardRequest,
 }
+
+
+_ReplyT = TypeVar("_ReplyT", bound="_Reply")
 
 
 @dataclass
@@ -259,13 +335,11 @@ def parse_request(frame: Frame, allowed: tuple[str, ...]) -> Any:
 def raise_if_error(frame: Frame) -> Frame:
     """On the client: turn an ``error`` reply into a ProtocolError."""
     if frame.kind == "error":
-        retry_after = frame.header.get("retry_after")
-        raise ProtocolError(
-            str(frame.header.get("code", "internal")),
-            str(frame.header.get("message", "")),
-            bool(frame.header.get("retryable", False)),
-            float(retry_after) if isinstance(retry_after, int | float) and 0 <= retry_after <= 3600 else None,
-        )
+        try:
+            error = ErrorReply.model_validate(frame.header)
+        except ValidationError as bad:
+            raise ProtocolError("internal", f"malformed error reply: {_first_error(bad)}") from None
+        raise ProtocolError(error.code, error.message, error.retryable, error.retry_after)
     return frame
 
 

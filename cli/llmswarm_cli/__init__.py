@@ -1,0 +1,1 @@
+"""The ``llmswarm`` command line: the top layer, which builds on every other package."""

@@ -1,0 +1,96 @@
+"""Talking to a route-map service: read the map, announce a server, leave it.
+
+One client for every part: the Python client reads routes with :func:`fetch_routes`
+(blocking, ``requests``); block servers and the local substrate use :class:`RouteMapClient`
+(asyncio, ``aiohttp``) for heartbeats, drain and the push peers' directory. Every call has
+a timeout: a hung route map costs a caller at most that long.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import aiohttp
+import requests
+
+from llmswarm_core.routemap import Announcement, RouteMap
+from llmswarm_core.security import client_ssl_context
+
+
+class RouteMapError(RuntimeError):
+    """The route map could not be read, or refused what was sent to it."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def fetch_routes(http: requests.Session, url: str, timeout: float, verify: str | bool = True) -> RouteMap:
+    """``GET {url}/v1/routes``, checked against the schema; raises RouteMapError (status 401 for a refused token)."""
+    try:
+        response = http.get(f"{url.rstrip('/')}/v1/routes", timeout=timeout, verify=verify)
+    except requests.RequestException as error:
+        raise RouteMapError(f"cannot read the route map at {url}: {error}") from error
+    if response.status_code == 401:
+        raise RouteMapError(f"the route map at {url} refused the swarm token", 401)
+    if response.status_code >= 400:
+        raise RouteMapError(f"cannot read the route map at {url}: HTTP {response.status_code}", response.status_code)
+    try:
+        return RouteMap.model_validate_json(response.content)
+    except ValueError as error:
+        raise RouteMapError(f"the route map at {url} sent a malformed map: {error}") from None
+
+
+class RouteMapClient:
+    """An asyncio client of one route-map service, with a timeout on every call.
+
+    Use it as ``async with RouteMapClient(url, token, tls_ca) as routes: ...``.
+    """
+
+    def __init__(self, url: str, token: str | None = None, tls_ca: str | None = None, timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(tls_ca)) if self.url.startswith("https://") else None
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=connector,
+                                           headers=auth_headers(token) or None)
+
+    async def __aenter__(self) -> RouteMapClient:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def routes(self) -> RouteMap:
+        try:
+            async with self._http.get(f"{self.url}/v1/routes") as response:
+                if response.status >= 400:
+                    raise RouteMapError(f"cannot read the route map at {self.url}: HTTP {response.status}", response.status)
+                return RouteMap.model_validate_json(await response.read())
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            raise RouteMapError(f"cannot read the route map at {self.url}: {error}") from error
+        except ValueError as error:
+            raise RouteMapError(f"the route map at {self.url} sent a malformed map: {error}") from None
+
+    async def announce(self, announcement: Announcement) -> None:
+        """``POST /v1/servers``: raises RouteMapError when it is refused or cannot be sent."""
+        try:
+            async with self._http.post(f"{self.url}/v1/servers", json=announcement.model_dump()) as response:
+                if response.status >= 400:
+                    raise RouteMapError(f"the route map refused the announcement: {response.status} {await response.text()}",
+                                        response.status)
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            raise RouteMapError(f"cannot reach the route map at {self.url}: {error}") from error
+
+    async def leave(self, server_id: str) -> None:
+        """``DELETE /v1/servers/{id}``: best effort, errors are raised as RouteMapError."""
+        try:
+            async with self._http.delete(f"{self.url}/v1/servers/{server_id}"):
+                pass
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            raise RouteMapError(f"cannot reach the route map at {self.url}: {error}") from error
