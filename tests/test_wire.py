@@ -115,3 +115,29 @@ def test_mutated_frames_only_raise_protocol_errors(position, garbage):
         wire.decode(bytes(data))
     except ProtocolError:
         pass
+
+
+def test_a_huge_header_integer_is_a_protocol_error() -> None:
+    """More than 4,300 digits makes json.loads raise ValueError (Python's int-string limit): a bad request, not a crash."""
+    head = ('{"kind":"open","start":' + "7" * 5000 + "}").encode()
+    with pytest.raises(ProtocolError, match="cannot be read") as caught:
+        wire.decode(struct.pack("<4sI", b"LSW1", len(head)) + head)
+    assert caught.value.code == "bad_request"
+
+
+def test_typed_replies_round_trip_and_malformed_replies_are_internal_errors() -> None:
+    frame = wire.decode(wire.reply_frame(wire.OpenedReply(session=3, push_key="k" * 32, request_id=1)))
+    assert wire.parse_reply(frame, wire.OpenedReply) == wire.OpenedReply(session=3, push_key="k" * 32, request_id=1)
+    output = wire.decode(wire.reply_frame(wire.OutputReply(session=3, request_id=2, pushed=True), {"hidden": torch.ones(1, 1, 4)}))
+    assert wire.parse_reply(output, wire.OutputReply).pushed is True and output.tensors["hidden"].shape == (1, 1, 4)
+    with pytest.raises(ProtocolError, match="unexpected reply 'output'") as caught:
+        wire.parse_reply(output, wire.OpenedReply)
+    assert caught.value.code == "internal"
+    with pytest.raises(ProtocolError, match="malformed opened reply"):
+        wire.parse_reply(wire.decode(wire.encode({"kind": "opened", "session": "three"})), wire.OpenedReply)
+    error = wire.decode(wire.reply_frame(wire.ErrorReply(code="overloaded", message="busy", retryable=True, retry_after=2.0)))
+    with pytest.raises(ProtocolError) as raised:
+        wire.parse_reply(error, wire.OutputReply)
+    assert (raised.value.code, raised.value.retryable, raised.value.retry_after) == ("overloaded", True, 2.0)
+    request = wire.decode(wire.request_frame(wire.CloseRequest(kind="close", session=4, request_id=9)))
+    assert wire.parse_request(request, ("close",)) == wire.CloseRequest(kind="close", session=4, request_id=9)

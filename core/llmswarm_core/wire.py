@@ -287,6 +287,8 @@ def decode(data: bytes, limits: WireLimits = WireLimits()) -> Frame:
         header = json.loads(data[_PREFIX.size:body_start].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ProtocolError("bad_request", f"header is not UTF-8 JSON: {error}") from None
+    except ValueError as error:  # e.g. an integer of more than 4,300 digits (sys.get_int_max_str_digits)
+        raise ProtocolError("bad_request", f"header has a value that cannot be read: {error}") from None
     except RecursionError:
         raise ProtocolError("bad_request", "header nests too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
