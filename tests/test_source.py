@@ -54,3 +54,40 @@ def test_bad_specs(tmp_path):
     not_a_model.write_text("hello")
     with pytest.raises(ModelSourceError, match=r"not a model directory or a \.gguf"):
         resolve(str(not_a_model))
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors", "escape.safetensors"])
+def test_index_files_must_stay_inside_the_model_directory(tmp_path, name):
+    """A model repository's index names the weight files; none may lead outside the directory (a symlink neither)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"")
+    (model / "escape.safetensors").symlink_to(outside)
+    (model / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": {"model.layers.0.w": name}}))
+    with pytest.raises(ModelSourceError, match="outside the model directory"):
+        resolve(str(model))
+
+
+def test_a_malformed_index_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / INDEX_FILE).write_text("[1, 2]")
+    with pytest.raises(ModelSourceError, match="not a safetensors index"):
+        resolve(str(tmp_path))
+
+
+def test_the_cache_lock_never_follows_a_symlink(tmp_path):
+    from llmswarm_core.source import _file_lock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    lock = tmp_path / "cache" / "model.lock"
+    lock.parent.mkdir()
+    lock.symlink_to(victim)
+    with pytest.raises(ModelSourceError, match="symlink"), _file_lock(lock):
+        pass
+    assert victim.read_text() == "keep me"
+    plain = tmp_path / "cache" / "plain.lock"
+    with _file_lock(plain):
+        assert plain.is_file()

@@ -78,8 +78,14 @@ class ModelDir:
         """Map every tensor name to the safetensors file holding it."""
         index = self.path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {str(k): str(v) for k, v in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = {str(k): str(v) for k, v in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ModelSourceError(f"{index} is not a safetensors index: {error!r}") from None
+            for file in set(files.values()):
+                self._check_inside(file)
+            return files
         single = self.path / "model.safetensors"
         if single.is_file():
             with safe_open(str(single), framework="pt") as f:
@@ -87,6 +93,14 @@ class ModelDir:
         raise ModelSourceError(
             f"{self.path} has no safetensors weights (model.safetensors or {INDEX_FILE})"
         )
+
+    def _check_inside(self, file: str) -> None:
+        """A weight file named by the index must be a plain file name inside the model directory:
+        no absolute path, no ``..``, no symlink that leads out of it."""
+        root = self.path.resolve()
+        candidate = self.path / file
+        if Path(file).is_absolute() or ".." in Path(file).parts or not candidate.resolve().is_relative_to(root):
+            raise ModelSourceError(f"{self.path / INDEX_FILE} names {file!r}, which is outside the model directory")
 
     @cached_property
     def config(self) -> PretrainedConfig:
@@ -162,7 +176,13 @@ def _fingerprint(path: Path) -> str:
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    # O_NOFOLLOW: a symlink planted at the lock's path is refused, never followed (it could truncate or
+    # create a file elsewhere); O_CREAT without O_TRUNC: an existing lock file is left as it is.
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise ModelSourceError(f"cannot take the cache lock {path}: {error.strerror} (a symlink is refused)") from None
+    with os.fdopen(descriptor, "r+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
