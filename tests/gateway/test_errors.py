@@ -64,6 +64,8 @@ CASES: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("stream_options without stream", "/v1/chat/completions",
      {"model": MODEL, "messages": HI, "stream_options": {"include_usage": True}}, 400, "invalid_value", "stream_options"),
     ("bias key", "/v1/chat/completions", {"model": MODEL, "messages": HI, "logit_bias": {"abc": 1}}, 400, "invalid_value", "logit_bias"),
+    ("bias key not ASCII digits", "/v1/chat/completions", {"model": MODEL, "messages": HI, "logit_bias": {"\u00b2": 1}},
+     400, "invalid_value", "logit_bias"),
     ("bias id", "/v1/chat/completions", {"model": MODEL, "messages": HI, "logit_bias": {"60000": 1}}, 400, "invalid_value", "logit_bias"),
     ("bias value", "/v1/chat/completions", {"model": MODEL, "messages": HI, "logit_bias": {"5": 101}}, 400, "invalid_value", "logit_bias"),
     ("context exceeded", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 8300}]},
@@ -101,7 +103,8 @@ def test_wrong_method_and_the_gateway_keeps_serving(api: requests.Session, gatew
     assert response.json()["error"]["code"] == "method_not_supported"
     before = api.get(f"{gateway.url}/metrics", timeout=10).text
     for _ in range(3):
-        assert api.post(f"{gateway.url}/v1/chat/completions", data=b"{", timeout=10).status_code == 400
+        assert api.post(f"{gateway.url}/v1/chat/completions", data=b"{", headers={"Content-Type": "application/json"},
+                        timeout=10).status_code == 400
     reply = api.post(f"{gateway.url}/v1/chat/completions", timeout=60,
                      json={"model": MODEL, "messages": [{"role": "user", "content": "Say yes."}], "temperature": 0, "max_tokens": 3})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
@@ -194,3 +197,50 @@ def test_swarm_without_servers_answers_503_before_any_stream_starts(empty_swarm:
         assert streamed.status_code == 503
         assert streamed.headers["Content-Type"].startswith("application/json")
         assert streamed.json()["error"]["type"] == "server_error"
+
+
+def test_a_body_that_is_not_json_is_refused_before_anything_else(api: requests.Session, gateway: GatewayThread) -> None:
+    """A web page can POST text/plain or a form anywhere without a preflight; the API takes JSON only."""
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        response = api.post(f"{gateway.url}/v1/chat/completions", data=b'{"model": "x", "messages": []}', headers=headers,
+                            timeout=10)
+        assert response.status_code == 415, response.text
+        assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_a_full_gateway_refuses_before_it_tokenizes(api: requests.Session, gateway: GatewayThread,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission comes first: templating and tokenizing a 60 KiB prompt is not spent on a request that is refused."""
+    engine = gateway.gateway.engine
+    encoded: list[int] = []
+    encode_chat = engine.encode_chat
+    monkeypatch.setattr(engine, "encode_chat", lambda messages: encoded.append(1) or encode_chat(messages))
+    full = engine.options.max_concurrent + engine.options.max_queued
+    slots = [engine.admission() for _ in range(full)]
+    taken = [slot.__enter__() for slot in slots]
+    try:
+        response = api.post(f"{gateway.url}/v1/chat/completions", timeout=30,
+                            json={"model": MODEL, "messages": [{"role": "user", "content": "word " * 12000}], "max_tokens": 1})
+        assert response.status_code == 429, response.text
+        assert encoded == []
+    finally:
+        for slot in slots:
+            slot.__exit__(None, None, None)
+    assert len(taken) == full
+    reply = api.post(f"{gateway.url}/v1/chat/completions", timeout=60,
+                     json={"model": MODEL, "messages": [{"role": "user", "content": "Say yes."}], "temperature": 0, "max_tokens": 2})
+    assert reply.status_code == 200 and encoded == [1]
+
+
+def test_a_gateway_without_a_key_answers_only_to_loopback_host_names(smollm2: Any) -> None:
+    """DNS rebinding: a page served as evil.example whose name now points at 127.0.0.1 is refused by Host."""
+    options = GatewayOptions(swarm=f"http://127.0.0.1:{_free_port()}", port=0, load_retry_seconds=0.2,
+                             allowed_hosts=("chat.internal",))
+    with GatewayThread(options) as running:
+        port = running.url.rsplit(":", 1)[1]
+        for host, status in ((f"evil.example:{port}", 403), ("evil.example", 403), (f"localhost:{port}", 503),
+                             (f"127.0.0.1:{port}", 503), (f"chat.internal:{port}", 503)):
+            response = requests.get(f"{running.url}/v1/models", headers={"Host": host}, timeout=10)
+            assert response.status_code == status, (host, response.text)
+        assert requests.get(f"{running.url}/healthz", headers={"Host": "evil.example"}, timeout=10).status_code == 200

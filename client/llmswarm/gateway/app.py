@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -27,8 +28,16 @@ from typing import Any
 
 from aiohttp import web
 
-from llmswarm.gateway.engine import Engine, Failed, Finished, Job, SamplingParams
-from llmswarm.gateway.errors import ApiError, bad_request, from_http_status, internal, unauthorized
+from llmswarm.gateway.engine import Admission, Engine, Failed, Finished, Job, SamplingParams
+from llmswarm.gateway.errors import (
+    ApiError,
+    bad_request,
+    forbidden_host,
+    from_http_status,
+    internal,
+    unauthorized,
+    unsupported_media_type,
+)
 from llmswarm.gateway.metrics import GatewayMetrics
 from llmswarm.gateway.openai_schema import (
     AssistantMessage,
@@ -108,7 +117,12 @@ class Gateway:
         outcome = "ok"
         try:
             if api:
+                self._check_host(request)
                 self._authorize(request)
+                if request.method == "POST" and request.content_type != "application/json":
+                    # A web page can send text/plain or a form to any address without asking first (CSRF);
+                    # a JSON body needs a CORS preflight, which this API never grants.
+                    raise unsupported_media_type(request.headers.get("Content-Type", ""))
             response = await handler(request)
             outcome = request.get(OUTCOME, "ok")
             return response
@@ -141,6 +155,16 @@ class Gateway:
             headers = {"WWW-Authenticate": "Bearer"}
         return web.json_response(error.body(), status=error.status, headers=headers)
 
+    def _check_host(self, request: web.Request) -> None:
+        """A gateway without an API key on a loopback address answers only to loopback Host names (and
+        --allowed-host): a web page that rebinds its own name to 127.0.0.1 cannot drive it."""
+        if self.options.token or not _loopback(self.options.host) or "*" in self.options.allowed_hosts:
+            return
+        host = (request.host or "").lower()
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] if host.count(":") == 1 else host
+        if not (_loopback(name) or name == "localhost" or name in self.options.allowed_hosts):
+            raise forbidden_host(host)
+
     def _authorize(self, request: web.Request) -> None:
         token = self.options.token
         if not token:
@@ -165,9 +189,10 @@ class Gateway:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_request(ChatCompletionRequest, await self._json(request))
         model = self.engine.check_model(req.model)
-        prompt = await asyncio.to_thread(self.engine.encode_chat, req.messages)
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        job = self._submit(req, prompt, self.engine.completion_budget(len(prompt), req.token_limit(), None, param))
+        with self.engine.admission() as slot:  # admitted before the work of templating and tokenizing
+            prompt = await asyncio.to_thread(self.engine.encode_chat, req.messages)
+            param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            job = self._submit(slot, req, prompt, self.engine.completion_budget(len(prompt), req.token_limit(), None, param))
         id_, created = new_id("chatcmpl"), now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -184,8 +209,9 @@ class Gateway:
         req = parse_request(CompletionRequest, await self._json(request))
         model = self.engine.check_model(req.model)
         prompt_in = req.prompt_text_or_ids()
-        prompt = await asyncio.to_thread(self.engine.encode_prompt, prompt_in)
-        job = self._submit(req, prompt, self.engine.completion_budget(len(prompt), req.max_tokens, 16, "max_tokens"))
+        with self.engine.admission() as slot:  # admitted before the work of tokenizing
+            prompt = await asyncio.to_thread(self.engine.encode_prompt, prompt_in)
+            job = self._submit(slot, req, prompt, self.engine.completion_budget(len(prompt), req.max_tokens, 16, "max_tokens"))
         echo = (prompt_in if isinstance(prompt_in, str) else self.engine.decode(prompt)) if req.echo else ""
         id_, created = new_id("cmpl"), now()
         if req.stream:
@@ -200,7 +226,7 @@ class Gateway:
         )
         return web.Response(body=body.model_dump_json(), content_type="application/json")
 
-    def _submit(self, req: ChatCompletionRequest | CompletionRequest, prompt: list[int], budget: int) -> Job:
+    def _submit(self, slot: Admission, req: ChatCompletionRequest | CompletionRequest, prompt: list[int], budget: int) -> Job:
         params = SamplingParams(
             max_tokens=budget,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -211,7 +237,7 @@ class Gateway:
             frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=self.engine.logit_bias(req.logit_bias),
         )
-        return self.engine.submit(prompt, params)
+        return slot.submit(prompt, params)
 
     @staticmethod
     async def _result(job: Job) -> Finished:
@@ -251,3 +277,10 @@ class Gateway:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": self.metrics.content_type})
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

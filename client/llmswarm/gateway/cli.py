@@ -38,6 +38,9 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="largest request body")
     parser.add_argument("--write-timeout", type=float, default=defaults.write_timeout,
                         help="seconds a stream waits for a client that does not read before dropping it")
+    parser.add_argument("--allowed-host", action="append", default=[], dest="allowed_hosts", metavar="NAME",
+                        help="a Host name a gateway without --token answers to on a loopback address, besides localhost"
+                             " (repeatable; '*' for any)")
 
 
 def add_gateway_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,7 +58,7 @@ def options_from_args(args: argparse.Namespace) -> GatewayOptions:
         token=args.token or os.environ.get(TOKEN_ENV) or None, served_model_name=args.served_model_name,
         wire_dtype=args.wire_dtype, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
         max_tokens=args.max_tokens, context_length=args.context_length, max_body_bytes=args.max_body_bytes,
-        write_timeout=args.write_timeout,
+        write_timeout=args.write_timeout, allowed_hosts=tuple(args.allowed_hosts),
     )
 
 

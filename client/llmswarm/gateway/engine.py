@@ -21,8 +21,9 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,21 @@ class _Watcher(StoppingCriteria):
             self.job.post(Delta(piece, self.chain if first else None))
         stop = self.job.cancelled.is_set() or self.tracker.stopped
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)  # type: ignore[return-value]
+
+
+class Admission:
+    """A request's place in the gateway, taken before its prompt is tokenized; :meth:`submit` uses it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.job: Job | None = None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
+        if self.job is not None:
+            raise RuntimeError("an admission starts one job")
+        self.job = Job(prompt_ids, params, asyncio.get_running_loop(), self._engine.metrics)
+        self._engine.start(self.job)
+        return self.job
 
 
 class Engine:
@@ -269,8 +285,10 @@ class Engine:
         return out
 
     # ---- jobs --------------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
-        """Admit a generation (or refuse it when the queue is full); its events arrive on the job."""
+    @contextmanager
+    def admission(self) -> Iterator[Admission]:
+        """Admit a request before any work is spent on it (tokenizing, templating), or refuse it when the
+        gateway is full; the slot is given back unless the request was submitted within the block."""
         if self.model is None:
             raise unavailable("The gateway has not reached the swarm yet.")
         with self._lock:
@@ -279,11 +297,25 @@ class Engine:
             if self._outstanding >= self.options.max_concurrent + self.options.max_queued:
                 raise overloaded(f"The gateway is busy: {self._outstanding} requests are running or waiting. Retry shortly.")
             self._outstanding += 1
-            job = Job(prompt_ids, params, asyncio.get_running_loop(), self.metrics)
+        slot = Admission(self)
+        try:
+            yield slot
+        finally:
+            if slot.job is None:
+                with self._lock:
+                    self._outstanding -= 1
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
+        """Admit and start a generation at once (see :meth:`admission`); its events arrive on the job."""
+        with self.admission() as slot:
+            return slot.submit(prompt_ids, params)
+
+    def start(self, job: Job) -> None:
+        """Queue an admitted job for a worker thread."""
+        with self._lock:
             self._jobs.add(job)
         self.metrics.queued.inc()
         self._pool.submit(self._run, job)
-        return job
 
     def _run(self, job: Job) -> None:
         self.metrics.queued.dec()

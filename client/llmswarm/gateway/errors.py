@@ -31,7 +31,8 @@ class ApiError(Exception):
 
 # The `status` label of llmswarm_gateway_requests_total for each HTTP status.
 _METRIC_STATUS = {
-    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_request", 413: "too_large",
+    400: "bad_request", 401: "unauthorized", 403: "unauthorized", 404: "not_found", 405: "bad_request", 413: "too_large",
+    415: "bad_request",
     429: "overloaded", 500: "internal", 502: "unavailable", 503: "unavailable",
 }
 
@@ -59,6 +60,15 @@ def unavailable(message: str) -> ApiError:
 
 def internal(message: str) -> ApiError:
     return ApiError(500, message, type_="server_error", code="internal_error")
+
+
+def unsupported_media_type(content_type: str) -> ApiError:
+    return ApiError(415, f"Request bodies must be JSON (Content-Type: application/json), not {content_type or 'none'!r}.",
+                    code="unsupported_media_type")
+
+
+def forbidden_host(host: str) -> ApiError:
+    return ApiError(403, f"This gateway does not answer to the host {host!r} (see --allowed-host).", code="forbidden_host")
 
 
 def from_http_status(status: int, reason: str) -> ApiError:

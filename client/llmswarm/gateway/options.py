@@ -25,6 +25,9 @@ class GatewayOptions:
     max_body_bytes: int = 4 * 1024 * 1024  # largest request body
     write_timeout: float = 30.0  # seconds a stream may wait for a client that does not read before it is dropped
     load_retry_seconds: float = 5.0  # pause between attempts to reach the swarm at start
+    # Host names (no port) a gateway without an API key answers to, besides loopback names; checked only when it
+    # listens on a loopback address, where a web page could reach it through DNS rebinding. "*": any.
+    allowed_hosts: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Refuse settings that cannot work, with the option's name."""
