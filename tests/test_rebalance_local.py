@@ -33,8 +33,9 @@ import requests
 import torch
 import yaml
 
-from llmswarm import ClientConfig, DistributedModelForCausalLM, wire
+from llmswarm import ClientConfig, DistributedModelForCausalLM
 from llmswarm_control.load_metrics import PROMQL, ScrapeSource, Target
+from llmswarm_core import wire
 from llmswarm_core.routemap import RouteMap
 from tests.conftest import OUTPUT, chat_ids
 from tests.helpers import metric_total

@@ -24,9 +24,9 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -331,13 +331,3 @@ class ScrapeSource:
         out.window = min(windows, default=0.0)
         return out
 
-
-def describe(loads: Mapping[str, ServerLoad]) -> list[dict[str, Any]]:
-    """Loads as plain dicts (for logs and status)."""
-    return [
-        {"server": sid, "throughput": round(load.throughput, 3), "utilisation": round(load.utilisation, 3),
-         "busy": round(load.busy, 3), "queueDepth": round(load.queue_depth, 3),
-         "activeSessions": round(load.active_sessions, 3), "requestRate": round(load.request_rate, 3),
-         "tokensRate": round(load.tokens_rate, 3)}
-        for sid, load in sorted(loads.items())
-    ]

@@ -1,27 +1,43 @@
 """The route-map service: servers announce themselves, clients read the map.
 
-  GET    /v1/routes          the current map (RouteMap JSON)
-  POST   /v1/servers         announce or heartbeat (Announcement JSON)
-  DELETE /v1/servers/{id}    leave the map
-  GET    /v1/targets         the servers as Prometheus HTTP service discovery (``http_sd_configs``)
-  GET    /healthz, /metrics
+One HTTP API over either authority (:mod:`llmswarm_control.routemap_authority`):
+announcements only (the local substrate, :meth:`RouteMapService.announcements`), or an
+operator's record plus announcements (Kubernetes, :meth:`RouteMapService.from_record`, the
+record being the operator's ConfigMap mounted as a file and re-read when it changes).
 
-With a swarm token set, everything but /healthz and /metrics needs it (security.py).
+  GET    /v1/routes          the current map (RouteMap JSON)
+  POST   /v1/servers         announce or heartbeat (Announcement JSON): ``{"version", "listed"}``
+  DELETE /v1/servers/{id}    forget a server's announcement: ``{"removed", "version"}`` (404: none)
+  GET    /v1/targets         the servers as Prometheus HTTP service discovery (``http_sd_configs``)
+  GET    /healthz            alive; /readyz: 200 once there is a map to serve (503 before the record is read)
+  GET    /metrics            ``llmswarm_routemap_*`` and ``llmswarm_block_replicas``
+
+With a swarm token set, everything but /healthz, /readyz and /metrics needs it (security.py).
+
+``python -m llmswarm_control.routemap_service [--routes FILE]`` runs it (the operator's
+route-map pods pass ``--routes /etc/llmswarm/routes.json``; without it, announcements only).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 
-from llmswarm_control.routetable import ModelMismatch, RouteTable
+from llmswarm_control.routemap_authority import Announcements, Authority, OperatorRecord
+from llmswarm_control.routetable import ModelMismatch
+from llmswarm_core.defaults import ROUTE_MAP_PORT
 from llmswarm_core.routemap import STATES, Announcement, ModelInfo, RouteMap
-from llmswarm_core.security import token_middleware
+from llmswarm_core.security import TOKEN_ENV, token_from_env, token_middleware
 
 log = logging.getLogger("llmswarm_core.routemap")
 
@@ -41,7 +57,7 @@ def prometheus_targets(routes: RouteMap) -> list[dict[str, object]]:
 
 
 class RouteMapMetrics:
-    """The route map's own metrics, shared by the announcement-driven and the file-driven services."""
+    """The route map's own metrics, set from the map at every scrape."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -77,14 +93,69 @@ async def read_announcement(request: web.Request) -> Announcement | web.Response
         return web.json_response({"error": f"bad announcement: {where}: {first.get('msg')}"}, status=400)
 
 
+class RecordFile:
+    """The operator's record as a file (its ConfigMap, mounted): hands each new valid map to `deliver`.
+
+    A file that is missing, unreadable or not a valid map keeps the last good one.
+    """
+
+    def __init__(self, path: Path, deliver: Callable[[RouteMap], None]) -> None:
+        self.path = path
+        self.deliver = deliver
+        self._raw: bytes | None = None
+
+    def poll(self) -> bool:
+        """Read the file; True when it brought a new map."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError as error:
+            if self._raw is not None:
+                log.warning("cannot read %s: %s; keeping the last map", self.path, error)
+            return False
+        if raw == self._raw:
+            return False
+        self._raw = raw
+        try:
+            routes = RouteMap.model_validate_json(raw)
+        except ValidationError as error:
+            log.warning("%s is not a valid route map (%s); keeping the last map", self.path, error.errors()[0]["msg"])
+            return False
+        self.deliver(routes)
+        log.info("route map reloaded from %s (record version %s)", self.path, routes.version)
+        return True
+
+
 class RouteMapService:
-    def __init__(self, model: ModelInfo | None = None, expiry_interval: float = 1.0, token: str | None = None) -> None:
-        self.table = RouteTable(model)
+    """The aiohttp app over an :class:`~llmswarm_control.routemap_authority.Authority`.
+
+    Every `interval` seconds it expires silent servers and, with a record, polls it.
+    :attr:`published` is the current map; it is replaced (never changed) on every change,
+    so other threads may read it.
+    """
+
+    def __init__(self, authority: Authority, token: str | None = None, interval: float = 1.0,
+                 poll: Callable[[], object] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.authority = authority
         self.token = token
-        self.expiry_interval = expiry_interval
+        self.interval = interval
+        self.clock = clock
+        self._poll = poll
         self.metrics_ = RouteMapMetrics()
         self.registry = self.metrics_.registry
-        self._expiry: asyncio.Task[None] | None = None
+        self.published = authority.snapshot()
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def announcements(cls, model: ModelInfo | None = None, token: str | None = None,
+                      interval: float = 1.0) -> RouteMapService:
+        """Announcements only (the local substrate)."""
+        return cls(Announcements(model), token, interval)
+
+    @classmethod
+    def from_record(cls, path: Path, token: str | None = None, interval: float = 1.0) -> RouteMapService:
+        """The operator's record in `path` plus announcements (Kubernetes)."""
+        authority = OperatorRecord()
+        return cls(authority, token, interval, poll=RecordFile(path, authority.load).poll)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[token_middleware(self.token)])
@@ -93,48 +164,91 @@ class RouteMapService:
         app.router.add_delete("/v1/servers/{server_id}", self.leave)
         app.router.add_get("/v1/targets", self.targets)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
 
+    def tick(self) -> None:
+        """One round of upkeep: the record (if any) re-read, silent servers expired."""
+        if self._poll is not None:
+            self._poll()
+        gone = self.authority.expire(self.clock())
+        if gone:
+            log.info("servers %s missed their heartbeats and left the map", gone)
+        self.published = self.authority.snapshot()
+
     async def _start(self, app: web.Application) -> None:
-        self._expiry = asyncio.create_task(self._expire_forever())
+        self.tick()
+        self._task = asyncio.create_task(self._upkeep())
 
     async def _stop(self, app: web.Application) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
-    async def _expire_forever(self) -> None:
+    async def _upkeep(self) -> None:
         while True:
-            await asyncio.sleep(self.expiry_interval)
-            gone = self.table.expire()
-            if gone:
-                log.info("servers %s missed their heartbeats and left the map", gone)
+            await asyncio.sleep(self.interval)
+            self.tick()
 
     async def routes(self, request: web.Request) -> web.Response:
-        return web.json_response(self.table.snapshot().model_dump())
+        return web.json_response(self.published.model_dump())
 
     async def announce(self, request: web.Request) -> web.Response:
         announcement = await read_announcement(request)
         if isinstance(announcement, web.Response):
             return announcement
         try:
-            self.table.announce(announcement)
+            listed = self.authority.announce(announcement, self.clock())
         except ModelMismatch as error:
             return web.json_response({"error": str(error)}, status=409)
-        return web.json_response({"version": self.table.version})
+        self.published = self.authority.snapshot()
+        return web.json_response({"version": self.published.version, "listed": listed})
 
     async def leave(self, request: web.Request) -> web.Response:
-        removed = self.table.remove(request.match_info["server_id"])
-        return web.json_response({"removed": removed, "version": self.table.version}, status=200 if removed else 404)
+        removed = self.authority.leave(request.match_info["server_id"])
+        self.published = self.authority.snapshot()
+        return web.json_response({"removed": removed, "version": self.published.version}, status=200 if removed else 404)
 
     async def targets(self, request: web.Request) -> web.Response:
         """Every server in the map (any state: draining ones still carry load) in Prometheus' HTTP SD format."""
-        return web.json_response(prometheus_targets(self.table.snapshot()))
+        return web.json_response(prometheus_targets(self.published))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.authority.ready:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "waiting for the operator's route map"}, status=503)
+
     async def metrics(self, request: web.Request) -> web.Response:
-        return self.metrics_.response(self.table.snapshot())
+        return self.metrics_.response(self.published)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llmswarm_control.routemap_service", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--routes", type=Path,
+                        help="the operator's route map (routes.json of its ConfigMap); without it, announcements only")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=ROUTE_MAP_PORT)
+    parser.add_argument("--interval", "--reload-interval", type=float, default=1.0,
+                        help="seconds between re-reads of --routes and expiries of silent servers")
+    parser.add_argument("--token", help=f"swarm token required on /v1 requests (default: ${TOKEN_ENV})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = token_from_env(args.token)
+    service = (RouteMapService.from_record(args.routes, token, args.interval) if args.routes
+               else RouteMapService.announcements(token=token, interval=args.interval))
+    web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,7 +64,7 @@ class _RouteMapThread:
 
     def __init__(self, host: str, port: int, model: ModelInfo, token: str | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        self.service = RouteMapService(model, token=token)
+        self.service = RouteMapService.announcements(model, token=token)
         self._ssl = ssl_context
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -219,8 +219,9 @@ class LocalSwarm:
             time.sleep(0.2)
 
     def routes(self) -> RouteMap:
-        assert self._routemap is not None
-        return self._routemap.service.table.snapshot()
+        """The route map as the service publishes it (read in-process; safe from any thread)."""
+        assert self._routemap is not None, "the swarm is not started"
+        return self._routemap.service.published
 
     def wait_online(self, count: int) -> None:
         deadline = time.monotonic() + self.options.start_timeout

@@ -2,16 +2,11 @@
 
 It uses the credentials Kopf logs in with (a :class:`kopf.ConnectionInfo`), so the operator
 has one login. Only what the operator needs: get, list (with a label selector, also
-filtered here), create, merge-patch, delete. Writes are JSON merge patches, whose
-semantics (maps merge, lists are replaced, ``null`` deletes) are the same on every API
-server version and on the test emulator.
+filtered here), create, merge-patch, delete.
 
-Objects the operator creates carry the annotation :data:`HASH_ANNOTATION`, a digest of
-the manifest it built, and :data:`APPLIED_ANNOTATION`, that manifest itself. :func:`apply`
-patches an object only when the digest changed, so a restarted operator does nothing
-twice and fields that the API server defaults never cause endless updates; the patch
-also deletes the keys that the last applied manifest set and the new one does not (a
-three-way merge, like ``kubectl apply``), so a removed label or resource limit goes away.
+Writes are JSON merge patches (RFC 7386), not Server-Side Apply: the API emulator the tests
+run against cannot serve SSA (docs/testing.md says what it lacks), while merge patches mean
+the same there and on every API server. :func:`apply` explains why its patches are correct.
 """
 
 from __future__ import annotations
@@ -34,8 +29,8 @@ import kopf
 
 log = logging.getLogger("llmswarm.operator.kubeapi")
 
-HASH_ANNOTATION = "llmswarm.dev/spec-hash"
-APPLIED_ANNOTATION = "llmswarm.dev/last-applied"
+HASH_ANNOTATION = "llmswarm.dev/spec-hash"  # digest of the manifest the operator built
+APPLIED_ANNOTATION = "llmswarm.dev/last-applied"  # the map keys that manifest set (see applied_keys)
 
 #: kind -> (apiVersion, plural, namespaced)
 RESOURCES: dict[str, tuple[str, str, bool]] = {
@@ -97,12 +92,23 @@ def _canonical(obj: Mapping[str, Any]) -> str:
     return json.dumps(clean, sort_keys=True, separators=(",", ":"))
 
 
+def applied_keys(obj: Mapping[str, Any]) -> Body:
+    """The map keys `obj` sets, nested, each leaf (a scalar or a list) as ``1``: all that :func:`removals` needs.
+
+    Recording keys rather than the manifest keeps the annotation small (a ConfigMap's data
+    would otherwise be stored twice, against the 256 KiB limit on all annotations together).
+    A full manifest recorded by an earlier version reads the same.
+    """
+    return {key: applied_keys(value) if isinstance(value, Mapping) else 1 for key, value in obj.items()}
+
+
 def with_hash(obj: Body) -> Body:
-    """A copy of `obj` annotated with its digest and with itself as last applied."""
+    """A copy of `obj` annotated with its digest and with the keys it sets."""
     out = json.loads(json.dumps(obj))
     annotations = out.setdefault("metadata", {}).setdefault("annotations", {})
     annotations[HASH_ANNOTATION] = manifest_hash(obj)
-    annotations[APPLIED_ANNOTATION] = _canonical(obj)
+    annotations[APPLIED_ANNOTATION] = json.dumps(applied_keys(json.loads(_canonical(obj))), sort_keys=True,
+                                                 separators=(",", ":"))
     return out
 
 
@@ -310,6 +316,25 @@ async def apply(kube: KubeClient, obj: Body, existing: Body | None = _UNKNOWN) -
     """Make the object exist as built: create it, or patch it when its digest changed.
 
     `existing` is the object as just listed (None: known to be absent); without it, it is read.
+
+    Why one merge patch is a correct update (what ``kubectl apply`` does on the client side,
+    and what Server-Side Apply does for one field manager that always forces):
+
+    - a merge patch sets every field the manifest gives, replaces lists whole (the manifest's
+      list is the list) and leaves fields it does not name as they are: what the API server
+      defaulted and what others add (the Deployment controller's revision annotation, a
+      ``kubectl rollout restart`` stamp) survive;
+    - a field the operator set before and no longer sets (a pool's ``nodeSelector`` emptied,
+      a resource limit, a label, the ConfigMap's ``assignment.json``) gets an explicit
+      ``null``: the previous manifest's keys are recorded on the object
+      (:data:`APPLIED_ANNOTATION`), and :func:`removals` compares them with the new ones;
+    - the digest (:data:`HASH_ANNOTATION`) skips the write when nothing the operator builds
+      changed, so a restarted operator writes nothing and server-side defaults never cause
+      endless updates.
+
+    The known difference from SSA with ``force``: a hand edit of a field the operator sets
+    stays until what the operator builds for that object changes (SSA would undo it at the
+    next apply), and nothing records who owns which field.
     """
     obj = with_hash(obj)
     meta = obj["metadata"]
@@ -331,7 +356,8 @@ async def apply(kube: KubeClient, obj: Body, existing: Body | None = _UNKNOWN) -
         applied = json.loads(annotations.get(APPLIED_ANNOTATION) or "{}")
     except ValueError:
         applied = {}
-    await kube.patch(kind, namespace, name, merge(obj, removals(applied, obj)))
+    patch = merge(obj, removals(applied, obj)) if isinstance(applied, Mapping) else obj
+    await kube.patch(kind, namespace, name, patch)
     return "updated"
 
 

@@ -19,7 +19,6 @@ from typing import Any
 from llmswarm_control.placement import BlockCost, Placement
 from llmswarm_core.routemap import RouteMap
 from llmswarm_core.spans import Span
-from llmswarm_operator.model_catalog import ModelShape
 from llmswarm_operator.settings import OperatorSettings, package_version
 from llmswarm_operator.swarm_spec import API_VERSION, KIND, PoolSpec, SwarmSpec
 
@@ -276,12 +275,12 @@ def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSetting
                         "name": "routemap",
                         "image": spec.image or settings.image,
                         "imagePullPolicy": settings.image_pull_policy,
-                        "command": ["python", "-m", "llmswarm_control.routemap_file"],
+                        "command": ["python", "-m", "llmswarm_control.routemap_service"],
                         "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--host", "0.0.0.0", "--port", str(port)],
                         "env": token_env(settings),
                         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
                         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-                        "readinessProbe": _http_probe("/healthz", 5, 3),
+                        "readinessProbe": _http_probe("/readyz", 5, 3),  # ready once it read routes.json
                         "livenessProbe": _http_probe("/healthz", 20, 3),
                         "volumeMounts": [{"name": "routes", "mountPath": ROUTES_DIR, "readOnly": True}],
                     }],
@@ -321,6 +320,3 @@ def _resources(pool: PoolSpec) -> Body:
         out["limits"] = {k: str(v) for k, v in pool.resources.limits.items()}
     return out
 
-
-def model_info_fields(shape: ModelShape) -> dict[str, Any]:
-    return {"name": shape.name, "num_blocks": shape.num_blocks, "hidden_size": shape.hidden_size}

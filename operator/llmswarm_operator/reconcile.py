@@ -8,7 +8,6 @@ Swarm itself: the Kopf handler does that with ``patch.status``.
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from llmswarm_operator.planner import ExistingServer, ServerEntry, online_covera
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import Seen, find_condition, invalid_status, swarm_status
 from llmswarm_operator.swarm_spec import InvalidSpec, check_name, parse_spec, plan_placement
+from llmswarm_operator.timestamps import epoch, iso
 
 Body = dict[str, Any]
 
@@ -53,19 +53,6 @@ def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
-def _epoch(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def _iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _span(text: str | None) -> Span | None:
     try:
         start, end = (int(part) for part in str(text).split(":"))
@@ -86,7 +73,7 @@ def existing_servers(deployments: list[Body]) -> dict[str, ExistingServer]:
         if span is None:
             continue
         out[meta["name"]] = ExistingServer(meta["name"], labels.get(m.LABEL_POOL, ""), span,
-                                           _epoch(annotations.get(m.ANNOTATION_DRAINING)))
+                                           epoch(annotations.get(m.ANNOTATION_DRAINING)))
     return out
 
 
@@ -158,7 +145,7 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
         await _apply(kube, m.server_service(owner, spec, server), outcome, listed)
     for server_name in plan.drain:
         await kube.patch("Deployment", namespace, server_name,
-                         {"metadata": {"annotations": {m.ANNOTATION_DRAINING: _iso(now)}}})
+                         {"metadata": {"annotations": {m.ANNOTATION_DRAINING: iso(now, fraction=True)}}})
         outcome.count("drained Deployment")
         outcome.events.append(("Normal", "ServerDraining", f"server {server_name} is no longer needed: draining for "
                                f"{settings.drain_seconds:g} s before removal"))

@@ -19,7 +19,6 @@ Conditions ``Ready``, ``Progressing`` and ``Degraded`` follow the Kubernetes con
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +26,12 @@ from typing import Any
 from llmswarm_control.placement import Placement
 from llmswarm_core.spans import ranges
 from llmswarm_operator.planner import ServerPlan
+from llmswarm_operator.timestamps import now_iso
 
 Body = dict[str, Any]
 
 PENDING, PROGRESSING, READY, DEGRADED, FAILED = "Pending", "Progressing", "Ready", "Degraded", "Failed"
 PHASES = (PENDING, PROGRESSING, READY, DEGRADED, FAILED)
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

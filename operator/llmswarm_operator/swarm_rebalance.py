@@ -23,7 +23,6 @@ bottleneck, and the last rebalance: time, gain, moves) and a ``Rebalanced`` Even
 
 from __future__ import annotations
 
-import datetime
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from llmswarm_operator.reconcile import Outcome, reconcile
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import find_condition
 from llmswarm_operator.swarm_spec import InvalidSpec, SwarmSpec, parse_spec
+from llmswarm_operator.timestamps import epoch, iso
 
 log = logging.getLogger("llmswarm.operator.rebalance")
 
@@ -56,19 +56,6 @@ class RoundResult:
     moves: int = 0
 
 
-def _iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _epoch(text: Any) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def enabled_spec(body: Mapping[str, Any]) -> SwarmSpec | None:
     """The spec, when it is valid and asks for rebalancing."""
     try:
@@ -83,11 +70,11 @@ def due(body: Mapping[str, Any], spec: SwarmSpec, last_round: float | None, now:
     (so load is measured on the current spans for a whole interval)."""
     status = body.get("status") or {}
     ready = find_condition(status, "Ready")
-    ready_since = _epoch(ready.get("lastTransitionTime")) if ready is not None and ready.get("status") == "True" else None
+    ready_since = epoch(ready.get("lastTransitionTime")) if ready is not None and ready.get("status") == "True" else None
     if ready_since is None:
         return False
     if last_round is None:
-        last_round = _epoch((status.get("rebalance") or {}).get("lastRound"))
+        last_round = epoch((status.get("rebalance") or {}).get("lastRound"))
     return now >= max(last_round or 0.0, ready_since) + spec.rebalance.interval_seconds
 
 
@@ -150,14 +137,14 @@ async def rebalance_round(kube: KubeClient, settings: OperatorSettings, body: Ma
 def _finish(outcome: Outcome, body: Mapping[str, Any], source: LoadSource, now: float, result: str, message: str,
             planned: Plan | None = None, moves: list[dict[str, Any]] | None = None) -> RoundResult:
     previous = (body.get("status") or {}).get("rebalance") or {}
-    status: Body = {"source": source.kind, "lastRound": _iso(now), "result": result, "message": message}
+    status: Body = {"source": source.kind, "lastRound": iso(now), "result": result, "message": message}
     if planned is not None:
         status["bottleneckThroughput"] = round(planned.before, 3)
         status["bottleneckBlock"] = planned.bottleneck_block
         status["bestGain"] = round(planned.gain, 4)
     if moves:
         status["lastRebalance"] = {
-            "time": _iso(now), "gain": round(planned.gain, 4) if planned else 0.0,
+            "time": iso(now), "gain": round(planned.gain, 4) if planned else 0.0,
             "bottleneckBefore": round(planned.before, 3) if planned else 0.0,
             "bottleneckAfter": round(planned.after, 3) if planned else 0.0, "moves": moves,
         }

@@ -182,7 +182,7 @@ def wheel(dockerfile: Dockerfile, tmp_path_factory: pytest.TempPathFactory) -> z
 
 def test_the_project_installs_as_one_wheel_with_every_package(wheel: zipfile.ZipFile) -> None:
     names = set(wheel.namelist())
-    for module in ("llmswarm_cli/main.py", "llmswarm_node/main.py", "llmswarm_operator/__main__.py", "llmswarm_control/routemap_file.py",
+    for module in ("llmswarm_cli/main.py", "llmswarm_node/main.py", "llmswarm_operator/__main__.py", "llmswarm_control/routemap_service.py",
                    "llmswarm/gateway/__main__.py", "llmswarm/gateway/static/index.html"):
         assert module in names, f"{module} is not in the wheel"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
@@ -207,7 +207,7 @@ def test_entrypoint_and_command_are_a_real_llmswarm_serve(dockerfile: Dockerfile
     assert {default_port, 8700, 8080} <= exposed  # block server, route map (routeMap.port), gateway
     # What the chart and the operator run in the same image exists in the wheel too.
     names = set(wheel.namelist())
-    assert "llmswarm_operator/__main__.py" in names and "llmswarm_control/routemap_file.py" in names
+    assert "llmswarm_operator/__main__.py" in names and "llmswarm_control/routemap_service.py" in names
 
 
 def run_healthcheck(command: list[str], port: int) -> subprocess.CompletedProcess[bytes]:

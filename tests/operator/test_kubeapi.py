@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kopf
 import pytest
 
@@ -48,6 +50,39 @@ async def test_apply_creates_patches_by_digest_and_removes_what_it_no_longer_set
             assert raised.value.status == 409
         finally:
             await kube.close()
+
+
+async def test_the_emulator_cannot_serve_server_side_apply(tmp_path: Path) -> None:
+    """Why apply() writes merge patches: what kmock's emulator does with a Server-Side Apply (docs/testing.md).
+
+    If this starts failing, the emulator learned SSA: apply() can then become one
+    ``PATCH ?fieldManager=llmswarm-operator&force=true`` with ``application/apply-patch+yaml``.
+    """
+    ssa = {"Content-Type": "application/apply-patch+yaml"}
+    path = "/api/v1/namespaces/default/configmaps/cm"
+    query = "?fieldManager=llmswarm-operator&force=true"
+    async with running_cluster(tmp_path) as (emulator, url, _, _), aiohttp.ClientSession() as http:
+        async def call(method: str, target: str, body: str, headers: dict[str, str]) -> int:
+            async with http.request(method, url + target, data=body, headers=headers) as response:
+                await response.read()
+                return response.status
+
+        def stored() -> dict[str, Any]:
+            return emulator.objects["v1/configmaps", "default", "cm"].last.raw  # type: ignore[no-any-return]
+
+        # A real server creates a missing object from an apply (201); the emulator: 404.
+        assert await call("PATCH", path + query, json.dumps(config_map({"a": "1", "b": "2"}, {"x": "1", "y": "2"})), ssa) == 404
+        await call("POST", "/api/v1/namespaces/default/configmaps",
+                   json.dumps(config_map({"a": "1", "b": "2"}, {"x": "1", "y": "2"})), {"Content-Type": "application/json"})
+        # A real server removes the fields this manager applied before and no longer applies; the emulator merges.
+        assert await call("PATCH", path + query, json.dumps(config_map({"a": "1"}, {"x": "3"})), ssa) == 200
+        assert stored()["metadata"]["labels"] == {"a": "1", "b": "2"} and stored()["data"] == {"x": "3", "y": "2"}
+        # YAML (what kubectl sends) is not parsed: answered 200 and ignored.
+        body = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm\n  namespace: default\ndata:\n  x: '4'\n"
+        assert await call("PATCH", path + query, body, ssa) == 200 and stored()["data"]["x"] == "3"
+        # No field ownership: no managedFields, and another manager takes a field without force (a real server: 409).
+        assert await call("PATCH", path + "?fieldManager=someone-else", json.dumps(config_map({}, {"x": "5"})), ssa) == 200
+        assert stored()["data"]["x"] == "5" and "managedFields" not in stored()["metadata"]
 
 
 def test_paths() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,15 @@ import yaml
 from llmswarm_core.routemap import ModelInfo
 from llmswarm_core.spans import Span
 from llmswarm_operator import manifests as m
-from llmswarm_operator.kubeapi import APPLIED_ANNOTATION, HASH_ANNOTATION, manifest_hash, merge, removals, with_hash
+from llmswarm_operator.kubeapi import (
+    APPLIED_ANNOTATION,
+    HASH_ANNOTATION,
+    applied_keys,
+    manifest_hash,
+    merge,
+    removals,
+    with_hash,
+)
 from llmswarm_operator.planner import ExistingServer, online_coverage, plan_servers, pod_ready, ready_servers, route_map
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import Seen, invalid_status, swarm_status
@@ -54,6 +64,25 @@ def test_manifests_are_valid_kubernetes_objects(name: str) -> None:
             assert "app.kubernetes.io/version" not in selector and "app.kubernetes.io/version" not in pod_labels
         if obj["kind"] == "Service":
             assert len(meta["name"]) <= 63
+
+
+def test_routemap_deployment_runs_the_route_map_on_the_mounted_record() -> None:
+    from llmswarm_control.routemap_service import build_parser
+
+    spec = parse_spec(example("swarm-cpu.yaml")["spec"])
+    deployment = m.routemap_deployment(OWNER, spec, SETTINGS)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"][:2] == ["python", "-m"]
+    module = importlib.import_module(container["command"][2])
+    assert module.build_parser is build_parser  # the module the command names is the service
+    args = build_parser().parse_args(container["args"])
+    (mount,) = container["volumeMounts"]
+    assert args.routes.parent.as_posix() == mount["mountPath"] and args.routes.name == m.ROUTES_FILE
+    assert pod["volumes"] == [{"name": mount["name"], "configMap": {"name": m.routemap_name(OWNER.name)}}]
+    assert args.port == spec.route_map.port == container["ports"][0]["containerPort"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # ready once it has read the record
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def test_server_deployment_runs_llmswarm_serve_for_its_span() -> None:
@@ -240,6 +269,12 @@ def test_manifest_digest_and_three_way_patch() -> None:
     assert APPLIED_ANNOTATION in annotated["metadata"]["annotations"]
     assert removals(old, new) == {"metadata": {"labels": {"b": None}}}
     assert merge(new, removals(old, new))["metadata"]["labels"] == {"a": "1", "b": None}
+    # What is recorded is the keys, not the values (a ConfigMap's data is not stored twice); it removes the same.
+    recorded = json.loads(annotated["metadata"]["annotations"][APPLIED_ANNOTATION])
+    assert recorded == applied_keys(old) == {"kind": 1, "metadata": {"name": 1, "labels": {"a": 1, "b": 1}}, "spec": {"ports": 1}}
+    assert removals(recorded, new) == removals(old, new)
+    big = {"kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"routes.json": "x" * 500_000}}
+    assert len(with_hash(big)["metadata"]["annotations"][APPLIED_ANNOTATION]) < 100
 
 
 def test_token_secret_reaches_servers_and_route_map() -> None:
@@ -265,3 +300,11 @@ def test_token_secret_in_rendered_deployments() -> None:
         assert wanted in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     assert all(e["name"] != "LLMSWARM_TOKEN" for e in m.routemap_deployment(OWNER, spec, SETTINGS)["spec"]["template"]["spec"]
                ["containers"][0]["env"])
+
+
+def test_timestamps_round_trip() -> None:
+    from llmswarm_operator.timestamps import epoch, iso
+
+    assert iso(0) == "1970-01-01T00:00:00Z" and iso(1.5, fraction=True) == "1970-01-01T00:00:01.500000Z"
+    assert epoch(iso(1.5, fraction=True)) == 1.5 and epoch("1970-01-01T00:00:02Z") == 2.0
+    assert epoch(None) is None and epoch("") is None and epoch("yesterday") is None
