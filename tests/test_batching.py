@@ -181,7 +181,9 @@ def test_steps_driven_together_equal_steps_alone_and_a_failing_session_gets_its_
     """step_together: each session gets what it gets stepping alone; one whose server connection breaks
     (and which has nowhere to fail over to) gets its error, the others their outputs."""
     from llmswarm import ClientConfig
-    from llmswarm.remote import InferenceSession, SessionStep, SwarmClient, SwarmError, step_together
+    from llmswarm.errors import SwarmError
+    from llmswarm.inference import InferenceSession, SessionStep, step_together
+    from llmswarm.sequence_manager import SwarmClient
 
     client = SwarmClient(swarm3.url, ClientConfig(max_retries=0, busy_timeout=1.0))
     torch.manual_seed(3)
@@ -199,7 +201,7 @@ def test_steps_driven_together_equal_steps_alone_and_a_failing_session_gets_its_
         assert_near(got, want)
     assert all(s.position == p.shape[1] + 1 for s, p in zip(together, prompts, strict=True))
 
-    together[1]._spans[1].socket.close()  # its middle server's connection breaks; no other server has blocks 10-20
+    together[1].spans[1].socket.close()  # its middle server's connection breaks; no other server has blocks 10-20
     outputs = step_together([SessionStep(s, h) for s, h in zip(together, steps, strict=True)])
     assert isinstance(outputs[1], SwarmError)
     expected = [s.step(h) for s, h in zip(alone, steps, strict=True)]

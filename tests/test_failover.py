@@ -88,7 +88,9 @@ def test_sigkill_during_four_generations(swarm6, local_smollm2):
 
 
 def test_no_server_for_a_span_is_a_clear_error(swarm6):
-    from llmswarm.remote import InferenceSession, SwarmClient, SwarmError
+    from llmswarm.errors import SwarmError
+    from llmswarm.inference import InferenceSession
+    from llmswarm.sequence_manager import SwarmClient
 
     client = SwarmClient(swarm6.url, ClientConfig(max_retries=1, backoff_base=0.05))
     for server in swarm6.routes().servers:

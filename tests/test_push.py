@@ -10,8 +10,9 @@ import requests
 import torch
 from websockets.sync.client import connect
 
-from llmswarm import ClientConfig, DistributedModelForCausalLM, wire
-from llmswarm.remote import SpanSession
+from llmswarm import ClientConfig, DistributedModelForCausalLM
+from llmswarm.span_session import SpanSession
+from llmswarm_core import wire
 from tests.conftest import chat_ids
 from tests.helpers import metric_total
 
@@ -71,7 +72,7 @@ def test_client_sends_on_where_a_server_could_not_push(swarm3, model3, local_smo
     def unlisted(self, request_id, then):
         target = real_target(self, request_id, then)
         if self.start == 10:
-            target["url"] = "http://127.0.0.1:9"  # not a server of this swarm
+            target = target.model_copy(update={"url": "http://127.0.0.1:9"})  # not a server of this swarm
         return target
 
     monkeypatch.setattr(SpanSession, "push_target", unlisted)

@@ -68,7 +68,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    from llmswarm.remote import ClientConfig, SwarmClient
+    from llmswarm.config import ClientConfig
+    from llmswarm.sequence_manager import SwarmClient
     from llmswarm_core.security import token_from_env
 
     routes = SwarmClient(args.swarm, ClientConfig(token=token_from_env(args.token), tls_ca=args.tls_ca)).routes()

@@ -15,11 +15,11 @@ _EXPORTS = {
     "DistributedModelForCausalLM": "llmswarm.model",
     "DistributedModelForSequenceClassification": "llmswarm.model",
     "RemoteCache": "llmswarm.model",
-    "ClientConfig": "llmswarm.remote",
-    "InferenceSession": "llmswarm.remote",
-    "RemoteSequential": "llmswarm.remote",
-    "SwarmClient": "llmswarm.remote",
-    "SwarmError": "llmswarm.remote",
+    "ClientConfig": "llmswarm.config",
+    "InferenceSession": "llmswarm.inference",
+    "RemoteSequential": "llmswarm.stateless",
+    "SwarmClient": "llmswarm.sequence_manager",
+    "SwarmError": "llmswarm.errors",
 }
 __all__ = sorted(_EXPORTS)
 

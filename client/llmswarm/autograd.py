@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llmswarm.remote import RemoteSequential, Trace
+from llmswarm.stateless import RemoteSequential, Trace
 
 
 class _RemoteBlocks(torch.autograd.Function):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -47,10 +47,11 @@ class _Item(Generic[T, R]):
 
 
 class Coalescer(Generic[T, R]):
-    """``run_many(works) -> results`` for works of the same ``key``, shared by the threads that call at once."""
+    """``run_many(works) -> results`` for works of the same ``key``, shared by the threads that call at once
+    (without a key, any works may run together). A result may be an exception: that work's thread raises it."""
 
-    def __init__(self, run_many: Callable[[list[T]], list[R]], key: Callable[[T], Hashable], max_wait: float = 0.002,
-                 short_wait: float = 0.002, retry_after: int = 16) -> None:
+    def __init__(self, run_many: Callable[[list[T]], Sequence[R | BaseException]], key: Callable[[T], Hashable] | None = None,
+                 max_wait: float = 0.002, short_wait: float = 0.002, retry_after: int = 16) -> None:
         self.run_many = run_many
         self.key = key
         self.max_wait = max_wait
@@ -106,7 +107,7 @@ class Coalescer(Generic[T, R]):
         try:
             groups: dict[Hashable, list[_Item[T, R]]] = {}
             for item in batch:
-                groups.setdefault(self.key(item.work), []).append(item)
+                groups.setdefault(None if self.key is None else self.key(item.work), []).append(item)
             for items in groups.values():
                 try:
                     results = self._run([i.work for i in items])
@@ -126,7 +127,7 @@ class Coalescer(Generic[T, R]):
                 self._running -= len(batch)
                 self._cond.notify_all()
 
-    def _run(self, works: list[T]) -> list[R]:
+    def _run(self, works: list[T]) -> Sequence[R | BaseException]:
         self.calls += 1
         self.works += len(works)
         return self.run_many(works)

@@ -8,7 +8,7 @@ penalty, stop strings, streamers, padded batches). The attention cache it carrie
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,13 +17,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 from llmswarm.autograd import remote_blocks
 from llmswarm.coalesce import Coalescer, stacked, trailing_shape
-from llmswarm.remote import ClientConfig, InferenceSession, RemoteSequential, SessionStep, SwarmClient, SwarmError, step_together
+from llmswarm.config import ClientConfig
+from llmswarm.errors import SwarmError
+from llmswarm.inference import InferenceSession, SessionStep, step_together
+from llmswarm.sequence_manager import SwarmClient
+from llmswarm.stateless import RemoteSequential
 from llmswarm_core.arch import architecture_of
 from llmswarm_core.security import token_from_env
 from llmswarm_core.source import ModelDir, load_state, resolve
@@ -67,7 +71,7 @@ def _client_part(source: ModelDir, dtype: torch.dtype) -> PreTrainedModel:
     if data.get("layer_types") is not None:
         data["layer_types"] = []
     config = type(source.config).from_dict(data)
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     local, info = load_state(model_class, config, source.client_state(dtype=dtype), dtype)
     missing = sorted(k for k in info["missing_keys"] if not k.endswith("inv_freq"))
     if missing or info["unexpected_keys"]:
@@ -120,7 +124,7 @@ class _DistributedModel(PreTrainedModel):
         spec: str,
         swarm: str,
         dtype: torch.dtype = torch.float32,
-        wire_dtype: str = "float32",
+        wire_dtype: str | None = None,
         client_config: ClientConfig | None = None,
         progress: bool = True,
         token: str | None = None,
@@ -133,17 +137,17 @@ class _DistributedModel(PreTrainedModel):
     ) -> Any:
         """Load the local part of `spec` and connect to the swarm's route map at `swarm`.
 
-        `token` is the swarm token (default: $LLMSWARM_TOKEN); `tls_ca` a CA bundle to verify
+        `wire_dtype` ("float32", "float16", "bfloat16"; default: `client_config`'s) is how hidden states
+        travel. `token` is the swarm token (default: $LLMSWARM_TOKEN); `tls_ca` a CA bundle to verify
         https servers with. `tuning_mode` ("ptune" or "deep_ptune") with `pre_seq_len` adds
         trainable prompts; `active_adapter` selects a LoRA adapter the servers host. `device`
         puts the local parts (embeddings, final norm, LM head, prompts) there, e.g. "cuda"
         (``model.to(device)`` does the same); hidden states cross to the CPU only for the wire.
         """
         source = resolve(spec, progress=progress)
-        config = copy.deepcopy(client_config) if client_config else ClientConfig()
-        config.wire_dtype = wire_dtype
-        config.token = token_from_env(token or config.token)
-        config.tls_ca = tls_ca or config.tls_ca
+        config = client_config or ClientConfig()
+        config = dataclasses.replace(config, wire_dtype=wire_dtype or config.wire_dtype,
+                                     token=token_from_env(token or config.token), tls_ca=tls_ca or config.tls_ca)
         client = SwarmClient(swarm, config)
         routes = client.routes()
         if routes.model is not None and routes.model.num_blocks != source.num_blocks:
@@ -235,7 +239,8 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
         self.lm_head: nn.Module = local.lm_head
         self._head = Coalescer(stacked(lambda hidden: self.lm_head(self.final_norm(hidden))), trailing_shape)
         # Steps of this process's sessions go through the swarm together (see coalesce.py).
-        self._steps: Coalescer[SessionStep, torch.Tensor] = Coalescer(step_together, _same_group, max_wait=STEP_WAIT)
+        # Any steps may travel together: each server groups what it can run in one pass.
+        self._steps: Coalescer[SessionStep, torch.Tensor] = Coalescer(step_together, max_wait=STEP_WAIT)
         self._generating = 0  # threads inside generate(): how many may share one LM-head pass
         self._generating_lock = threading.Lock()
 
@@ -339,10 +344,6 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
         finally:
             with self._generating_lock:
                 self._generating -= 1
-
-
-def _same_group(step: SessionStep) -> int:
-    return 0  # any steps may travel together: each server groups what it can run in one pass
 
 
 class DistributedModelForSequenceClassification(_DistributedModel):

@@ -183,8 +183,9 @@ class Engine:
         return thread
 
     def _load(self) -> None:
+        from llmswarm.config import ClientConfig
+        from llmswarm.errors import SwarmError
         from llmswarm.model import DistributedModelForCausalLM
-        from llmswarm.remote import ClientConfig, SwarmError
 
         while not self._closing.is_set():
             try:
@@ -335,7 +336,7 @@ class Engine:
                 self._jobs.discard(job)
 
     def _generate(self, job: Job) -> Finished | Failed:
-        from llmswarm.remote import SwarmError
+        from llmswarm.errors import SwarmError
         from llmswarm_core.wire import ProtocolError
 
         model, params = self.model, job.params
