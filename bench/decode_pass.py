@@ -39,7 +39,7 @@ def main() -> None:
     caches = {"lean": span.new_cache(start, end), "transformers": span.new_cache(start, end)}
     for cache in caches.values():
         span.forward(prompt, None, None, cache)
-    assert span._decode_path(start, end) is not None, "these blocks do not take the lean pass"
+    assert span.decode_path(start, end) is not None, "these blocks do not take the lean pass"
     times: dict[str, list[float]] = {name: [] for name in caches}
     identical = True
     for step in range(args.steps):

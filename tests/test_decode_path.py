@@ -89,7 +89,7 @@ def assert_identical(lean_out, ref_out, lean_cache, ref_cache) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bit_identical_to_transformers(name, dtype, tmp_path_factory, counted):
     span = SpanModel(tiny_source(name, EXACT[name], tmp_path_factory), 1, 4, dtype=dtype, progress=False)
-    assert span._decode_path(1, 4) is not None and span._decode_path(2, 4) is not None
+    assert span.decode_path(1, 4) is not None and span.decode_path(2, 4) is not None
     counted["run"] = 0
     torch.manual_seed(1)
     prompt = torch.randn(2, 7, 64)
@@ -104,7 +104,7 @@ def test_bit_identical_to_transformers(name, dtype, tmp_path_factory, counted):
 def test_batched_sessions_bit_identical(smollm2, counted):
     """A combined pass over sessions with different pasts (batching.py: padding on the left) is exact too."""
     span = SpanModel(smollm2, 0, 3, progress=False)
-    assert span._decode_path(0, 3) is not None  # built (and checked) before counting
+    assert span.decode_path(0, 3) is not None  # built (and checked) before counting
     counted["run"] = 0
     torch.manual_seed(3)
     prompts = [torch.randn(1, n, 576) for n in (4, 9, 1)]
@@ -129,7 +129,7 @@ def test_batched_sessions_bit_identical(smollm2, counted):
 
 def test_bit_identical_on_the_real_model(smollm2, counted):
     span = SpanModel(smollm2, 10, 20, progress=False)
-    assert span._decode_path(10, 20) is not None
+    assert span.decode_path(10, 20) is not None
     counted["run"] = 0
     torch.manual_seed(2)
     steps = [torch.randn(1, 1, 576) for _ in range(8)]
@@ -140,13 +140,13 @@ def test_bit_identical_on_the_real_model(smollm2, counted):
 @pytest.mark.parametrize("name", sorted(OTHERS))
 def test_other_architectures_keep_transformers_forward(name, tmp_path_factory):
     span = SpanModel(tiny_source(name, OTHERS[name], tmp_path_factory), 0, 4, progress=False)
-    assert span._decode_path(0, 4) is None
+    assert span.decode_path(0, 4) is None
 
 
 def test_steps_it_does_not_take(tmp_path_factory, counted):
     source = tiny_source("llama", EXACT["llama"], tmp_path_factory)
     span = SpanModel(source, 0, 4, progress=False)
-    assert span._decode_path(0, 4) is not None
+    assert span.decode_path(0, 4) is not None
     counted["run"] = 0
     cache = span.new_cache(0, 4)
     span.forward(torch.randn(2, 5, 64), None, None, cache)
@@ -159,7 +159,7 @@ def test_steps_it_does_not_take(tmp_path_factory, counted):
     span.forward(torch.randn(2, 1, 64), None, None, cache)
     assert counted["run"] == 1
 
-    assert SpanModel(source, 0, 4, progress=False, quantization="int8")._decode_path(0, 4) is None
+    assert SpanModel(source, 0, 4, progress=False, quantization="int8").decode_path(0, 4) is None
     eager = AutoModelForCausalLM.from_pretrained(source.path, attn_implementation="eager")
     assert DecodePath.build(eager.model, eager.model.layers, eager.config) is None
 
@@ -171,7 +171,7 @@ def test_a_pass_that_differs_is_not_used(tmp_path_factory, monkeypatch, caplog, 
     rms_norm = decode._rms_norm
     monkeypatch.setattr(decode, "_rms_norm", lambda hidden, weight, eps: rms_norm(hidden, weight, eps * 2))
     span = SpanModel(tiny_source("llama", EXACT["llama"], tmp_path_factory), 0, 4, progress=False)
-    assert span._decode_path(0, 4) is None
+    assert span.decode_path(0, 4) is None
     assert "differs from transformers' forward" in caplog.text
     cache = span.new_cache(0, 4)
     span.forward(torch.randn(1, 3, 64), None, None, cache)

@@ -9,7 +9,8 @@ import time
 from aiohttp import web
 
 from llmswarm_core.routemap import RouteMap, ServerRecord
-from llmswarm_node.push import DOWN_SECONDS, Pusher
+from llmswarm_core.routemap_client import RouteMapClient
+from llmswarm_node.push import DOWN_SECONDS, PeerDirectory, Pusher
 from tests.helpers import serving
 
 
@@ -56,16 +57,17 @@ async def test_pushes_go_only_to_listed_servers_with_the_swarm_token():
     received: list[bytes] = []
     headers: list[str | None] = []
     reads: list[int] = []
-    async with serving(peer_app(received, headers)) as peer, serving(route_map_app([], reads)) as empty_map:
-        pusher = Pusher(empty_map, token="secret", tls_ca=None)
+    async with serving(peer_app(received, headers)) as peer, serving(route_map_app([], reads)) as empty_map, \
+            RouteMapClient(empty_map) as routes:
+        pusher = Pusher(PeerDirectory(routes), token="secret", tls_ca=None)
         try:
             assert not await pusher.push(peer, b"frame")  # the route map does not list it
             assert not await pusher.push(peer, b"frame")  # asked again within a second: not re-read
             assert len(reads) == 1 and received == []
         finally:
             await pusher.close()
-        async with serving(route_map_app([peer], reads)) as route_map:
-            pusher = Pusher(route_map, token="secret", tls_ca=None)
+        async with serving(route_map_app([peer], reads)) as route_map, RouteMapClient(route_map) as routes:
+            pusher = Pusher(PeerDirectory(routes), token="secret", tls_ca=None)
             try:
                 assert await pusher.push(peer, b"one") and await pusher.push(peer, b"two")
                 await eventually(lambda: len(received) == 2)
@@ -78,8 +80,8 @@ async def test_pushes_go_only_to_listed_servers_with_the_swarm_token():
 async def test_a_peer_that_cannot_be_reached_is_skipped_for_a_while():
     reads: list[int] = []
     down = f"http://127.0.0.1:{closed_port()}"
-    async with serving(route_map_app([down], reads)) as route_map:
-        pusher = Pusher(route_map, token=None, tls_ca=None)
+    async with serving(route_map_app([down], reads)) as route_map, RouteMapClient(route_map) as routes:
+        pusher = Pusher(PeerDirectory(routes), token=None, tls_ca=None)
         try:
             assert not await pusher.push(down, b"frame")
             assert pusher._down[down] > time.monotonic() + DOWN_SECONDS - 5  # not tried again for DOWN_SECONDS
@@ -92,7 +94,7 @@ async def test_a_peer_that_cannot_be_reached_is_skipped_for_a_while():
 
 def test_without_a_route_map_nothing_is_pushed():
     async def run() -> bool:
-        pusher = Pusher(None, token=None, tls_ca=None)
+        pusher = Pusher(PeerDirectory(None), token=None, tls_ca=None)
         try:
             return await pusher.push("http://127.0.0.1:1", b"frame")
         finally:

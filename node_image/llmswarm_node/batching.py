@@ -19,11 +19,25 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llmswarm_node.span import SpanModel
+from llmswarm_node.span import SpanRunner
+
+
+class HiddenRows:
+    """Work on hidden states [rows, new tokens, hidden]."""
+
+    hidden: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def new_tokens(self) -> int:
+        return self.hidden.shape[1]
 
 
 @dataclass
-class StepInput:
+class StepInput(HiddenRows):
     """One session's step: hidden [b, t, h], mask [b, past + t] or None, positions [b, t] or None,
     deep prompts [blocks, b, prefix, h] or None (a session's first step only; such a step runs alone)."""
 
@@ -33,14 +47,6 @@ class StepInput:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     prompts: torch.Tensor | None = None
-
-    @property
-    def rows(self) -> int:
-        return self.hidden.shape[0]
-
-    @property
-    def new_tokens(self) -> int:
-        return self.hidden.shape[1]
 
     def full_mask(self) -> torch.Tensor:
         if self.attention_mask is not None:
@@ -58,7 +64,7 @@ def batchable(cache: DynamicCache) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def run_steps(span: SpanModel, start: int, end: int, steps: list[StepInput], adapter: str | None = None) -> list[torch.Tensor]:
+def run_steps(span: SpanRunner, start: int, end: int, steps: list[StepInput], adapter: str | None = None) -> list[torch.Tensor]:
     """Run steps with the same number of new tokens (and adapter) through blocks [start, end) in one pass."""
     if len(steps) == 1:
         step = steps[0]

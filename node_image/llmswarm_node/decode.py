@@ -10,8 +10,8 @@ call and decorator on the way down: on the 2-core CI machine, 10 SmolLM2 blocks 
 This pass runs the same torch ops, in the same order and with the same arguments, as
 transformers' ``LlamaDecoderLayer`` with sdpa attention does for such a step, so its
 outputs and the cache it extends are bit-identical (tests/test_decode_path.py checks
-both, for every architecture it accepts; SpanModel checks it again when it builds the
-pass, and keeps transformers' forward if a transformers version computes otherwise).
+both, for every architecture it accepts; the span runner checks it again when it builds the
+pass (decode_check.py), and keeps transformers' forward if a transformers version computes otherwise).
 It is used only when all of this holds:
 
 - every block is a Llama, Mistral or Qwen2 decoder layer with plain ``nn.Linear``

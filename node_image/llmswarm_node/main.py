@@ -12,7 +12,7 @@ import sys
 
 from llmswarm_core.defaults import DEFAULT_MODEL, FLOAT_DTYPES
 from llmswarm_core.security import TOKEN_ENV, token_from_env
-from llmswarm_node.scheduler import BatchOptions
+from llmswarm_node.batch_policy import BatchOptions
 from llmswarm_node.sessions import ServerLimits
 
 
@@ -87,7 +87,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from llmswarm_core.source import resolve
     from llmswarm_node.server import BlockServer, ServerOptions, serve
-    from llmswarm_node.span import SpanModel
+    from llmswarm_node.span import SpanRunner
+    from llmswarm_node.span_loader import load_adapter, load_span
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # The main thread loads the span, measures it and runs lone decode steps inline (the event loop);
@@ -103,11 +104,12 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: span {start}:{end} is outside the model's {source.num_blocks} blocks", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    span = SpanModel(source, start, end, dtype=getattr(torch, args.dtype), progress=not args.quiet,
-                     quantization=args.quantization, device=device)
+    loaded = load_span(source, start, end, dtype=getattr(torch, args.dtype), progress=not args.quiet,
+                       quantization=args.quantization, device=device)
     for adapter in args.adapters:
         name, _, path = adapter.partition("=")
-        span.load_adapter(name, path)
+        load_adapter(loaded, name, path)
+    span = SpanRunner(loaded)
     limits = ServerLimits(
         max_sessions=args.max_sessions,
         max_length=args.max_length,
@@ -129,9 +131,9 @@ def run_serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout, push=args.push,
     )
     server = BlockServer(span, options)
-    server.throughput = span.measure_throughput()
-    server.metrics.throughput.set(server.throughput)
-    logging.getLogger("llmswarm.node").info("span [%d, %d): %.1f tokens/s", start, end, server.throughput)
+    throughput = span.measure_throughput()
+    server.set_throughput(throughput)
+    logging.getLogger("llmswarm.node").info("span [%d, %d): %.1f tokens/s", start, end, throughput)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from llmswarm_core import wire
-from llmswarm_core.routemap import RouteMap
+from llmswarm_core.routemap_client import RouteMapClient, RouteMapError, auth_headers
 from llmswarm_core.security import client_ssl_context
 
 log = logging.getLogger("llmswarm.node")
@@ -34,11 +34,14 @@ DOWN_SECONDS = 10.0  # a server that could not be pushed to is not tried again f
 
 
 class PeerDirectory:
-    """Which URLs are servers of this swarm: the route map's servers, read when a URL is not known yet."""
+    """Which URLs are servers of this swarm: the route map's servers, read when a URL is not known yet.
 
-    def __init__(self, route_map: str | None, http: aiohttp.ClientSession | None = None) -> None:
-        self.route_map = route_map
-        self._http = http
+    It reads the route map through the server's one route-map client (announcer.py); without one
+    (a server of no swarm) it knows no server.
+    """
+
+    def __init__(self, routes: RouteMapClient | None) -> None:
+        self.routes = routes
         self._urls: set[str] = set()
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -47,18 +50,15 @@ class PeerDirectory:
         fresh = time.monotonic() - self._read_at < TRUST_SECONDS
         if url in self._urls and fresh:
             return True
-        if self.route_map is None or self._http is None:
+        if self.routes is None:
             return False
         async with self._lock:
             stale = time.monotonic() - self._read_at >= TRUST_SECONDS
             if (url not in self._urls or stale) and time.monotonic() - self._read_at >= REFRESH_SECONDS:
                 self._read_at = time.monotonic()
                 try:
-                    async with self._http.get(f"{self.route_map}/v1/routes") as response:
-                        response.raise_for_status()
-                        routes = RouteMap.model_validate_json(await response.read())
-                    self._urls = {server.url for server in routes.servers}
-                except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as error:
+                    self._urls = {server.url for server in (await self.routes.routes()).servers}
+                except RouteMapError as error:
                     log.warning("cannot read the route map to check a push target: %s", error)
         return url in self._urls
 
@@ -66,12 +66,11 @@ class PeerDirectory:
 class Pusher:
     """Kept-open push connections to the other servers, one per server URL."""
 
-    def __init__(self, route_map: str | None, token: str | None, tls_ca: str | None, timeout: float = 5.0) -> None:
+    def __init__(self, peers: PeerDirectory, token: str | None, tls_ca: str | None, timeout: float = 5.0) -> None:
         connector = aiohttp.TCPConnector(ssl=client_ssl_context(tls_ca)) if tls_ca else None
-        headers = {"Authorization": f"Bearer {token}"} if token else None
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=timeout),
-                                           connector=connector, headers=headers)
-        self.peers = PeerDirectory(route_map, self._http)
+                                           connector=connector, headers=auth_headers(token) or None)
+        self.peers = peers
         self._sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._down: dict[str, float] = {}  # url -> until when it is not tried (unreachable, refused us)

@@ -2,7 +2,7 @@
 
 A session belongs to the connection that opened it: another connection naming its id
 gets "not found", and closing the connection frees every session it opened. The one
-exception is a push (server.py, /v1/push): the previous server of the client's chain
+exception is a push (session_handlers.py, /v1/push): the previous server of the client's chain
 hands it a step's input, naming the session and the secret push key that the open
 returned to the client alone. Each
 session reserves its worst-case attention-cache size (batch x max_length tokens) at
