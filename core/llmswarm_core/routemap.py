@@ -14,6 +14,7 @@ from llmswarm_core.spans import coverage
 
 ServerState = Literal["joining", "online", "draining"]
 STATES: tuple[ServerState, ...] = ("joining", "online", "draining")
+MAX_THROUGHPUT = 1e7  # tokens/s a server may claim for its span
 
 
 class _Schema(BaseModel):
@@ -32,7 +33,8 @@ class ServerRecord(_Schema):
     start: Annotated[int, Field(ge=0)]
     end: Annotated[int, Field(ge=1)]
     state: ServerState
-    throughput: Annotated[float, Field(ge=0)] = 0.0  # inference tokens/s through the whole span
+    # Inference tokens/s through the whole span: finite, and below anything hardware reaches (a bound on lies).
+    throughput: Annotated[float, Field(ge=0, le=MAX_THROUGHPUT, allow_inf_nan=False)] = 0.0
     dtype: str = "float32"
     cache_tokens_left: Annotated[int, Field(ge=0)] | None = None
 
@@ -53,6 +55,12 @@ class Announcement(_Schema):
     model: ModelInfo
     server: ServerRecord
     ttl: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+    @model_validator(mode="after")
+    def _span_inside_model(self) -> Announcement:
+        if self.server.end > self.model.num_blocks:
+            raise ValueError(f"span [{self.server.start}, {self.server.end}) is outside the model's {self.model.num_blocks} blocks")
+        return self
 
 
 class RouteMap(_Schema):

@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import ValidationError
 
 from llmswarm_control.routemap_authority import Announcements, Authority, OperatorRecord
@@ -70,6 +70,8 @@ class RouteMapMetrics:
                                 registry=self.registry)
         self._block_replicas = Gauge("llmswarm_block_replicas", "Online servers covering each block", ["block"],
                                      registry=self.registry)
+        self.refusals = Counter("llmswarm_routemap_refusals", "Announcements refused, by reason (content_type, invalid, "
+                                "span, throughput, model)", ["reason"], registry=self.registry)
 
     def response(self, snapshot: RouteMap) -> web.Response:
         self._version.set(snapshot.version)
@@ -83,14 +85,38 @@ class RouteMapMetrics:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def read_announcement(request: web.Request) -> Announcement | web.Response:
-    """The request's announcement, or the 400 reply that says what is wrong with it."""
+class Refusal(Exception):
+    """An announcement the route map will not take: the reply's status, and the reason counted in the metrics."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+    def response(self) -> web.Response:
+        return web.json_response({"error": str(self)}, status=self.status)
+
+
+async def read_announcement(request: web.Request) -> Announcement:
+    """The request's announcement; a Refusal says what is wrong with it (nothing of it reaches the map).
+
+    Only ``application/json`` is read: a web page can POST ``text/plain`` or a form to any address
+    without a CORS preflight, so that content type is what keeps other sites from announcing."""
+    if request.content_type != "application/json":
+        raise Refusal(415, "content_type", f"announcements are application/json, not {request.content_type!r}")
     try:
         return Announcement.model_validate_json(await request.read())
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        return web.json_response({"error": f"bad announcement: {where}: {first.get('msg')}"}, status=400)
+        location = tuple(str(p) for p in first.get("loc", ()))
+        message = str(first.get("msg"))
+        if location[-1:] == ("throughput",):
+            reason = "throughput"
+        elif location[-1:] in (("start",), ("end",)) or "outside the model" in message or "empty span" in message:
+            reason = "span"
+        else:
+            reason = "invalid"
+        raise Refusal(400, reason, f"bad announcement: {'.'.join(location) or 'body'}: {message}") from None
 
 
 class RecordFile:
@@ -196,13 +222,15 @@ class RouteMapService:
         return web.json_response(self.published.model_dump())
 
     async def announce(self, request: web.Request) -> web.Response:
-        announcement = await read_announcement(request)
-        if isinstance(announcement, web.Response):
-            return announcement
         try:
-            listed = self.authority.announce(announcement, self.clock())
-        except ModelMismatch as error:
-            return web.json_response({"error": str(error)}, status=409)
+            announcement = await read_announcement(request)
+            try:
+                listed = self.authority.announce(announcement, self.clock())
+            except ModelMismatch as error:
+                raise Refusal(409, "model", str(error)) from None
+        except Refusal as refusal:
+            self.metrics_.refusals.labels(refusal.reason).inc()
+            return refusal.response()
         self.published = self.authority.snapshot()
         return web.json_response({"version": self.published.version, "listed": listed})
 

@@ -199,3 +199,43 @@ def test_command_line_needs_no_record(capsys: pytest.CaptureFixture[str]) -> Non
     assert exited.value.code == 0
     text = capsys.readouterr().out
     assert "--routes" in text and "announcements only" in text
+
+
+@pytest.mark.parametrize("mode", ["record", "announcements"])
+async def test_no_announcement_however_malformed_breaks_the_map_for_others(tmp_path: Path, mode: str) -> None:
+    """Each refusal is a 4xx with its reason counted; /v1/routes keeps answering with the servers it had."""
+    path = tmp_path / "routes.json"
+    write(path, 1, record("a", 0, 15, "joining"))
+    service = (RouteMapService.from_record(path, interval=0.05) if mode == "record"
+               else RouteMapService.announcements(MODEL, interval=0.05))
+    good = Announcement(model=MODEL, server=record("a", 0, 15, "online"), ttl=30).model_dump()
+    server = good["server"]
+    bad_bodies = {
+        "span": {**good, "server": {**server, "start": 20, "end": 31}},  # past the model's last block
+        "throughput": {**good, "server": {**server, "throughput": 1e300}},
+        "invalid": {**good, "server": {**server, "url": "javascript:alert(1)"}},
+    }
+    async with serving(service) as url, aiohttp.ClientSession() as http:
+        assert (await announce(http, url, record("a", 0, 15, "online")))[0] == 200
+        before = await get_routes(http, url)
+        for reason, body in bad_bodies.items():
+            async with http.post(f"{url}/v1/servers", json=body) as response:
+                assert response.status == 400, (reason, await response.text())
+        for raw in ("NaN", "Infinity"):  # not JSON numbers, but Python's json would read them
+            text = f'{{"model": {MODEL.model_dump_json()}, "server": {{"id": "a", "url": "http://a:1", "start": 0, "end": 15, ' \
+                   f'"state": "online", "throughput": {raw}}}}}'
+            async with http.post(f"{url}/v1/servers", data=text, headers={"Content-Type": "application/json"}) as response:
+                assert response.status == 400, raw
+        # A web page's form or text/plain POST (no CORS preflight) is refused before it is read.
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            async with http.post(f"{url}/v1/servers", data=Announcement.model_validate(good).model_dump_json(),
+                                 headers={"Content-Type": content_type}) as response:
+                assert response.status == 415, content_type
+        other = ModelInfo(name="other", num_blocks=30, hidden_size=576)
+        assert (await announce(http, url, record("z", 0, 15, "online"), model=other))[0] == 409
+        after = await get_routes(http, url)
+        assert after.servers == before.servers and after.version == before.version
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+        for reason, count in (("span", 1), ("throughput", 3), ("invalid", 1), ("content_type", 2), ("model", 1)):
+            assert f'llmswarm_routemap_refusals_total{{reason="{reason}"}} {float(count)}' in text, (reason, text)
