@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llmswarm_core.identity import IdentityError, ServerIdentity, verify
 from llmswarm_core.spans import coverage
 
 ServerState = Literal["joining", "online", "draining"]
@@ -50,17 +51,60 @@ class ServerRecord(_Schema):
 
 
 class Announcement(_Schema):
-    """What a server sends to the route-map service on start and on every heartbeat."""
+    """What a server sends to the route-map service on start and on every heartbeat.
+
+    A signed announcement carries the server's public key and its signature over everything
+    else (:meth:`signed`); the route map checks that the key speaks for the server's id.
+    """
 
     model: ModelInfo
     server: ServerRecord
     ttl: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    public_key: Annotated[str, Field(min_length=43, max_length=43, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
+    signature: Annotated[str, Field(min_length=86, max_length=86, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
 
     @model_validator(mode="after")
     def _span_inside_model(self) -> Announcement:
         if self.server.end > self.model.num_blocks:
             raise ValueError(f"span [{self.server.start}, {self.server.end}) is outside the model's {self.model.num_blocks} blocks")
         return self
+
+    def signed_payload(self) -> dict[str, object]:
+        """What the signature covers: the whole announcement, its public key included, but the signature."""
+        return self.model_dump(mode="json", exclude={"signature"})
+
+    def signed(self, identity: ServerIdentity) -> Announcement:
+        with_key = self.model_copy(update={"public_key": identity.public_key, "signature": None})
+        return with_key.model_copy(update={"signature": identity.sign(with_key.signed_payload())})
+
+    def check_signature(self) -> None:
+        """Raise IdentityError unless the announcement is signed by the key it carries."""
+        if self.public_key is None or self.signature is None:
+            raise IdentityError("the announcement is not signed")
+        verify(self.public_key, self.signed_payload(), self.signature)
+
+
+class IdentityProof(_Schema):
+    """A server's answer to ``GET /v1/identity?challenge=...``: it holds the key, and this address is its."""
+
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    public_key: Annotated[str, Field(min_length=43, max_length=43)]
+    signature: Annotated[str, Field(min_length=86, max_length=86)]
+
+    @staticmethod
+    def payload(challenge: str, server_id: str, url: str) -> dict[str, str]:
+        return {"challenge": challenge, "id": server_id, "url": url}
+
+    @classmethod
+    def answer(cls, identity: ServerIdentity, server_id: str, challenge: str, url: str) -> IdentityProof:
+        return cls(id=server_id, public_key=identity.public_key,
+                   signature=identity.sign(cls.payload(challenge, server_id, url)))
+
+    def check(self, challenge: str, server_id: str, url: str, public_key: str) -> None:
+        """Raise IdentityError unless this proves that `public_key`'s holder answers as `server_id` at `url`."""
+        if self.id != server_id or self.public_key != public_key:
+            raise IdentityError(f"the address answered as {self.id}, not {server_id}")
+        verify(public_key, self.payload(challenge, server_id, url), self.signature)
 
 
 class RouteMap(_Schema):

@@ -8,11 +8,13 @@ a timeout: a hung route map costs a caller at most that long.
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 
 import aiohttp
 import requests
 
+from llmswarm_core.identity import IdentityError, ServerIdentity, verify
 from llmswarm_core.routemap import Announcement, RouteMap
 from llmswarm_core.security import client_ssl_context
 
@@ -23,6 +25,24 @@ class RouteMapError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+LEAVE_HEADER = "X-Llmswarm-Leave"
+LEAVE_WINDOW = 300.0  # seconds a signed leave stays valid (clocks of servers and route map may differ by this much)
+
+
+def leave_header(identity: ServerIdentity, server_id: str, now: float) -> str:
+    """``<unix time>.<signature of {"leave": id, "at": time}>``: only the server's key can take it off the map."""
+    at = int(now)
+    return f"{at}.{identity.sign({'leave': server_id, 'at': at})}"
+
+
+def check_leave(header: str, server_id: str, public_key: str, now: float) -> None:
+    """Raise IdentityError unless `header` is `server_id`'s signed leave from the last LEAVE_WINDOW seconds."""
+    at_text, _, signature = header.partition(".")
+    if not at_text.isdecimal() or len(at_text) > 12 or abs(now - int(at_text)) > LEAVE_WINDOW:
+        raise IdentityError("no signed leave of the last minutes")
+    verify(public_key, {"leave": server_id, "at": int(at_text)}, signature)
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -87,10 +107,11 @@ class RouteMapClient:
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             raise RouteMapError(f"cannot reach the route map at {self.url}: {error}") from error
 
-    async def leave(self, server_id: str) -> None:
-        """``DELETE /v1/servers/{id}``: best effort, errors are raised as RouteMapError."""
+    async def leave(self, server_id: str, identity: ServerIdentity | None = None) -> None:
+        """``DELETE /v1/servers/{id}``, signed with the server's key when it has one; errors are RouteMapErrors."""
+        headers = {LEAVE_HEADER: leave_header(identity, server_id, time.time())} if identity is not None else None
         try:
-            async with self._http.delete(f"{self.url}/v1/servers/{server_id}"):
+            async with self._http.delete(f"{self.url}/v1/servers/{server_id}", headers=headers):
                 pass
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             raise RouteMapError(f"cannot reach the route map at {self.url}: {error}") from error

@@ -14,34 +14,44 @@ record being the operator's ConfigMap mounted as a file and re-read when it chan
 
 With a swarm token set, everything but /healthz, /readyz and /metrics needs it (security.py).
 
-``python -m llmswarm_control.routemap_service [--routes FILE]`` runs it (the operator's
-route-map pods pass ``--routes /etc/llmswarm/routes.json``; without it, announcements only).
+``python -m llmswarm_control.routemap_service [--routes FILE [--configmap NAME]]`` runs it (the
+operator's route-map pods pass ``--routes /etc/llmswarm/routes.json --configmap <swarm>-routemap``:
+the record is watched through the API and read from the mounted file, the newer counting;
+without ``--routes``, announcements only).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import ValidationError
 
+from llmswarm_control.record_watch import ConfigMapRef, ConfigMapWatch
 from llmswarm_control.routemap_authority import Announcements, Authority, OperatorRecord
 from llmswarm_control.routetable import ModelMismatch
+from llmswarm_control.server_identities import IdentityBook, IdentityRefused
 from llmswarm_core.defaults import ROUTE_MAP_PORT
-from llmswarm_core.routemap import STATES, Announcement, ModelInfo, RouteMap
-from llmswarm_core.security import TOKEN_ENV, token_from_env, token_middleware
+from llmswarm_core.identity import IdentityError
+from llmswarm_core.routemap import STATES, Announcement, IdentityProof, ModelInfo, RouteMap
+from llmswarm_core.routemap_client import LEAVE_HEADER, check_leave
+from llmswarm_core.security import TOKEN_ENV, client_ssl_context, token_from_env, token_middleware
 
 log = logging.getLogger("llmswarm_core.routemap")
 
 MAX_BODY_BYTES = 64 * 1024
+CHALLENGE_TIMEOUT = 5.0  # seconds an announced address has to answer the identity challenge
 
 
 def prometheus_targets(routes: RouteMap) -> list[dict[str, object]]:
@@ -160,8 +170,13 @@ class RouteMapService:
     """
 
     def __init__(self, authority: Authority, token: str | None = None, interval: float = 1.0,
-                 poll: Callable[[], object] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 poll: Callable[[], object] | None = None, clock: Callable[[], float] = time.monotonic,
+                 identities: IdentityBook | None = None, tls_ca: str | None = None) -> None:
         self.authority = authority
+        # Who may speak for which server id, and which addresses proved to be theirs (see server_identities).
+        self.identities = identities or IdentityBook(require_signatures=False, check_addresses=False)
+        self._tls_ca = tls_ca
+        self._proving: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self.token = token
         self.interval = interval
         self.clock = clock
@@ -177,11 +192,23 @@ class RouteMapService:
         """Announcements only (the local substrate)."""
         return cls(Announcements(model), token, interval)
 
+    #: With a record in a ConfigMap: the watch that brings each new one through the API (see record_watch).
+    watch: ConfigMapWatch | None = None
+    _watch_task: asyncio.Task[None] | None = None
+
     @classmethod
-    def from_record(cls, path: Path, token: str | None = None, interval: float = 1.0) -> RouteMapService:
-        """The operator's record in `path` plus announcements (Kubernetes)."""
+    def from_record(cls, path: Path, token: str | None = None, interval: float = 1.0,
+                    configmap: ConfigMapRef | None = None) -> RouteMapService:
+        """The operator's record in `path` plus announcements (Kubernetes); with `configmap`, the same record
+        watched through the API as well (the newer of the two counts: the mounted file lags a minute)."""
         authority = OperatorRecord()
-        return cls(authority, token, interval, poll=RecordFile(path, authority.load).poll)
+        service = cls(authority, token, interval, poll=RecordFile(path, lambda routes: authority.load(routes, "file")).poll)
+        if configmap is not None:
+            def from_api(routes: RouteMap) -> None:
+                authority.load(routes, "api")
+                service.published = authority.snapshot()
+            service.watch = ConfigMapWatch(configmap, from_api, retry=interval)
+        return service
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[token_middleware(self.token)])
@@ -207,11 +234,17 @@ class RouteMapService:
 
     async def _start(self, app: web.Application) -> None:
         self.tick()
+        if self.watch is not None:
+            self._watch_task = asyncio.create_task(self.watch.run())
         self._task = asyncio.create_task(self._upkeep())
 
     async def _stop(self, app: web.Application) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        for task in self._proving.values():
+            task.cancel()
 
     async def _upkeep(self) -> None:
         while True:
@@ -225,17 +258,60 @@ class RouteMapService:
         try:
             announcement = await read_announcement(request)
             try:
-                listed = self.authority.announce(announcement, self.clock())
+                admitted = self.identities.admit(announcement)
+                listed = self.authority.announce(admitted, self.clock())
+            except IdentityRefused as error:
+                raise Refusal(403, error.reason, str(error)) from None
             except ModelMismatch as error:
                 raise Refusal(409, "model", str(error)) from None
+            if self.identities.needs_proof(announcement):
+                self._prove(announcement)
         except Refusal as refusal:
             self.metrics_.refusals.labels(refusal.reason).inc()
             return refusal.response()
         self.published = self.authority.snapshot()
         return web.json_response({"version": self.published.version, "listed": listed})
 
+    def _prove(self, announcement: Announcement) -> None:
+        """Challenge the announced address (once at a time per id, address and key); list the server ``online``
+        as soon as it answers as that server."""
+        server, key = announcement.server, announcement.public_key
+        assert key is not None
+        slot = (server.id, server.url, key)
+        if slot not in self._proving or self._proving[slot].done():
+            self._proving[slot] = asyncio.create_task(self._challenge(announcement, key))
+
+    async def _challenge(self, announcement: Announcement, key: str) -> None:
+        server = announcement.server
+        challenge = secrets.token_urlsafe(24)
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(self._tls_ca)) if server.url.startswith("https://") else None
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CHALLENGE_TIMEOUT), connector=connector) as http:
+                async with http.get(f"{server.url}/v1/identity", params={"challenge": challenge}) as response:
+                    if response.status != 200:
+                        raise IdentityError(f"HTTP {response.status}")
+                    proof = IdentityProof.model_validate_json(await response.read())
+            proof.check(challenge, server.id, server.url, key)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, IdentityError) as error:
+            self.metrics_.refusals.labels("address").inc()
+            log.warning("server %s did not prove it answers at %s: %s", server.id, server.url, error)
+            return
+        self.identities.proved(server.id, server.url, key)
+        with contextlib.suppress(ModelMismatch):
+            self.authority.announce(announcement, self.clock())
+        self.published = self.authority.snapshot()
+
     async def leave(self, request: web.Request) -> web.Response:
-        removed = self.authority.leave(request.match_info["server_id"])
+        server_id = request.match_info["server_id"]
+        key = self.identities.keys.get(server_id)
+        if key is not None:
+            try:
+                check_leave(request.headers.get(LEAVE_HEADER, ""), server_id, key, time.time())
+            except IdentityError as error:
+                self.metrics_.refusals.labels("leave").inc()
+                return web.json_response({"error": f"server {server_id} leaves only with its own signature: {error}"},
+                                         status=403)
+        removed = self.authority.leave(server_id)
         self.published = self.authority.snapshot()
         return web.json_response({"removed": removed, "version": self.published.version}, status=200 if removed else 404)
 
@@ -265,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval", "--reload-interval", type=float, default=1.0,
                         help="seconds between re-reads of --routes and expiries of silent servers")
     parser.add_argument("--token", help=f"swarm token required on /v1 requests (default: ${TOKEN_ENV})")
+    parser.add_argument("--configmap", help="with --routes: also watch this ConfigMap (its routes.json) through the Kubernetes API "
+                                            "with the pod's service account, so a new record counts within a second")
+    parser.add_argument("--namespace", help="the ConfigMap's namespace (default: the service account's)")
     return parser
 
 
@@ -272,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = token_from_env(args.token)
-    service = (RouteMapService.from_record(args.routes, token, args.interval) if args.routes
+    configmap = ConfigMapRef.in_cluster(args.configmap, args.namespace) if args.configmap else None
+    service = (RouteMapService.from_record(args.routes, token, args.interval, configmap) if args.routes
                else RouteMapService.announcements(token=token, interval=args.interval))
     web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None)
     return 0
