@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from llmswarm_core.defaults import DEFAULT_MODEL, DEFAULT_SWARM, FLOAT_DTYPES, ROUTE_MAP_PORT
@@ -64,6 +65,22 @@ def _chat_loop(model: Any, args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _chat_loop(_load_model(args), args)
+    return 0
+
+
+def cmd_gateway_keys(args: argparse.Namespace) -> int:
+    from llmswarm.gateway.keys import KeyFileError, create_key, revoke_key
+
+    try:
+        if args.action == "create":
+            print(create_key(Path(args.file), args.name, args.requests_per_minute))
+            print(f"key {args.name!r} added to {args.file}; it is shown only this once", file=sys.stderr)
+        else:
+            revoke_key(Path(args.file), args.name)
+            print(f"key {args.name!r} revoked; running gateways refuse it within a second", file=sys.stderr)
+    except KeyFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -211,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     from llmswarm.gateway.cli import add_gateway_command
 
     add_gateway_command(sub)
+
+    keys = sub.add_parser("gateway-keys", help="create or revoke the gateway's API keys (a file of hashed keys)")
+    keys.add_argument("action", choices=("create", "revoke"))
+    keys.add_argument("--file", required=True, help="the API keys file (`llmswarm gateway --api-keys FILE`)")
+    keys.add_argument("--name", required=True, help="the key's name (in the usage metrics)")
+    keys.add_argument("--requests-per-minute", type=int, help="rate limit of the key (create)")
+    keys.set_defaults(func=cmd_gateway_keys)
 
     routes = sub.add_parser("routes", help="print the route map as a table")
     routes.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")

@@ -21,6 +21,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,13 +32,16 @@ from aiohttp import web
 from llmswarm.gateway.engine import Admission, Engine, Failed, Finished, Job, SamplingParams
 from llmswarm.gateway.errors import (
     ApiError,
+    RateLimited,
     bad_request,
     forbidden_host,
     from_http_status,
     internal,
+    rate_limited,
     unauthorized,
     unsupported_media_type,
 )
+from llmswarm.gateway.keys import KeyStore
 from llmswarm.gateway.metrics import GatewayMetrics
 from llmswarm.gateway.openai_schema import (
     AssistantMessage,
@@ -59,6 +63,7 @@ from llmswarm.gateway.streaming import OUTCOME, ChatChunks, CompletionChunks, st
 
 log = logging.getLogger("llmswarm.gateway")
 STATIC = Path(__file__).resolve().parent / "static"
+API_KEY = "llmswarm.api_key"  # where a request keeps the name of its API key (from the key file)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -70,6 +75,7 @@ class Gateway:
         self.options = options
         self.metrics = GatewayMetrics()
         self.engine = Engine(options, self.metrics, model)
+        self.keys = KeyStore.load(Path(options.api_keys)) if options.api_keys else None
         self.created = now()
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -146,11 +152,15 @@ class Gateway:
         finally:
             if api:
                 self.metrics.requests.labels(endpoint, outcome).inc()
+                if API_KEY in request:
+                    self.metrics.key_requests.labels(request[API_KEY], outcome).inc()
                 self.metrics.request_duration.labels(endpoint).observe(time.monotonic() - started)
 
     @staticmethod
     def _error_response(error: ApiError) -> web.Response:
         headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+        if isinstance(error, RateLimited):
+            headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
         if error.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return web.json_response(error.body(), status=error.status, headers=headers)
@@ -158,7 +168,7 @@ class Gateway:
     def _check_host(self, request: web.Request) -> None:
         """A gateway without an API key on a loopback address answers only to loopback Host names (and
         --allowed-host): a web page that rebinds its own name to 127.0.0.1 cannot drive it."""
-        if self.options.token or not _loopback(self.options.host) or "*" in self.options.allowed_hosts:
+        if self.options.token or self.keys is not None or not _loopback(self.options.host) or "*" in self.options.allowed_hosts:
             return
         host = (request.host or "").lower()
         name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] if host.count(":") == 1 else host
@@ -166,16 +176,26 @@ class Gateway:
             raise forbidden_host(host)
 
     def _authorize(self, request: web.Request) -> None:
-        token = self.options.token
-        if not token:
+        """The request's API key: the one --token, or a live key of the --api-keys file within its rate limit."""
+        token, store = self.options.token, self.keys
+        if not token and store is None:
             return
         header = request.headers.get("Authorization", "")
         if not header:
             raise unauthorized("You didn't provide an API key. You need to provide your API key in an Authorization header "
                                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), token.encode()):
+        scheme, _, presented = header.partition(" ")
+        presented = presented.strip()
+        if scheme.lower() == "bearer" and token and hmac.compare_digest(presented.encode(), token.encode()):
+            return
+        key = store.find(presented) if store is not None and scheme.lower() == "bearer" else None
+        if key is None:
             raise unauthorized("Incorrect API key provided.")
+        request[API_KEY] = key.name
+        wait = store.wait_for(key) if store is not None else 0.0
+        if wait > 0:
+            raise rate_limited(f"Rate limit reached for key {key.name!r}: {key.requests_per_minute} requests a minute. "
+                               f"Retry in {wait:.1f} s.", wait)
 
     # ---- the API -----------------------------------------------------------------------------------------
     @staticmethod
@@ -192,7 +212,8 @@ class Gateway:
         with self.engine.admission() as slot:  # admitted before the work of templating and tokenizing
             prompt = await asyncio.to_thread(self.engine.encode_chat, req.messages)
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-            job = self._submit(slot, req, prompt, self.engine.completion_budget(len(prompt), req.token_limit(), None, param))
+            budget = self.engine.completion_budget(len(prompt), req.token_limit(), None, param)
+            job = self._submit(slot, req, prompt, budget, request.get(API_KEY))
         id_, created = new_id("chatcmpl"), now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -211,7 +232,8 @@ class Gateway:
         prompt_in = req.prompt_text_or_ids()
         with self.engine.admission() as slot:  # admitted before the work of tokenizing
             prompt = await asyncio.to_thread(self.engine.encode_prompt, prompt_in)
-            job = self._submit(slot, req, prompt, self.engine.completion_budget(len(prompt), req.max_tokens, 16, "max_tokens"))
+            budget = self.engine.completion_budget(len(prompt), req.max_tokens, 16, "max_tokens")
+            job = self._submit(slot, req, prompt, budget, request.get(API_KEY))
         echo = (prompt_in if isinstance(prompt_in, str) else self.engine.decode(prompt)) if req.echo else ""
         id_, created = new_id("cmpl"), now()
         if req.stream:
@@ -226,7 +248,8 @@ class Gateway:
         )
         return web.Response(body=body.model_dump_json(), content_type="application/json")
 
-    def _submit(self, slot: Admission, req: ChatCompletionRequest | CompletionRequest, prompt: list[int], budget: int) -> Job:
+    def _submit(self, slot: Admission, req: ChatCompletionRequest | CompletionRequest, prompt: list[int], budget: int,
+                request_key: str | None = None) -> Job:
         params = SamplingParams(
             max_tokens=budget,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -236,6 +259,7 @@ class Gateway:
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=self.engine.logit_bias(req.logit_bias),
+            api_key=request_key,
         )
         return slot.submit(prompt, params)
 

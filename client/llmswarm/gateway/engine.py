@@ -50,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    api_key: str | None = None  # the name of the API key that asked (usage metrics)
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class Engine:
             try:
                 model = DistributedModelForCausalLM.from_pretrained(
                     self.options.model, swarm=self.options.swarm, wire_dtype=self.options.wire_dtype,
-                    client_config=ClientConfig(token=self.options.token), progress=False,
+                    client_config=ClientConfig(token=self.options.swarm_token), progress=False,
                 )
                 self._use(model)
                 log.info("gateway ready: %s from %s", self.model_name, self.options.swarm)
@@ -372,8 +373,7 @@ class Engine:
             reason = "length"
         else:
             reason = "stop"
-        self.metrics.tokens.labels("prompt").inc(prompt_length)
-        self.metrics.tokens.labels("completion").inc(len(generated))
+        self.metrics.count_tokens(job.params.api_key, prompt_length, len(generated))
         return Finished(tracker.text, reason, prompt_length, len(generated), watcher.chain)
 
     def close(self) -> None:

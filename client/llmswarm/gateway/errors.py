@@ -54,6 +54,16 @@ def overloaded(message: str) -> ApiError:
     return ApiError(429, message, type_="server_error", code="overloaded")
 
 
+class RateLimited(ApiError):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(429, message, type_="requests", code="rate_limit_exceeded", metric="rate_limited")
+        self.retry_after = retry_after
+
+
+def rate_limited(message: str, retry_after: float) -> ApiError:
+    return RateLimited(message, retry_after)
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(503, message, type_="server_error", code="swarm_unavailable")
 

@@ -39,11 +39,22 @@ class GatewayMetrics:
         self.cancelled = Counter("llmswarm_gateway_cancelled_generations",
                                  "generations stopped early because the HTTP client vanished, stopped reading or stopped the answer",
                                  ["reason"], registry=r)
+        self.key_requests = Counter("llmswarm_gateway_key_requests", "API requests per API key (its name), by outcome",
+                                    ["key", "status"], registry=r)
+        self.key_tokens = Counter("llmswarm_gateway_key_tokens", "tokens per API key (its name): prompt read, completion generated",
+                                  ["key", "kind"], registry=r)
         self.ready = Gauge("llmswarm_gateway_ready", "1 when the gateway has loaded the model and reached the swarm", registry=r)
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind)
         for reason in ("disconnected", "slow_client"):
             self.cancelled.labels(reason)
+
+    def count_tokens(self, api_key: str | None, prompt: int, completion: int) -> None:
+        self.tokens.labels("prompt").inc(prompt)
+        self.tokens.labels("completion").inc(completion)
+        if api_key is not None:
+            self.key_tokens.labels(api_key, "prompt").inc(prompt)
+            self.key_tokens.labels(api_key, "completion").inc(completion)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

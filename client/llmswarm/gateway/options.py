@@ -15,7 +15,9 @@ class GatewayOptions:
     model: str = DEFAULT_MODEL  # model SPEC for the client's local part (embeddings, LM head, tokenizer)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0 picks a free port
-    token: str | None = None  # API key clients must send as a bearer token; also sent to the swarm
+    token: str | None = None  # one API key clients must send as a bearer token (a small gateway; see api_keys)
+    api_keys: str | None = None  # a key file (gateway/keys.py): many hashed, revocable keys with rate limits
+    swarm_token: str | None = None  # the gateway's own credential for the swarm (never a client's API key)
     served_model_name: str | None = None  # the `model` name clients use (default: the route map's model name)
     wire_dtype: str = "float32"  # dtype of hidden states between the gateway and the servers
     max_concurrent: int = 8  # generations running against the swarm at once
