@@ -16,7 +16,7 @@ import llmswarm.span_session
 from llmswarm.config import ClientConfig
 from llmswarm.errors import SwarmError
 from llmswarm.inference import InferenceSession, SessionStep, step_together
-from llmswarm.sequence_manager import SwarmClient
+from llmswarm.sequence_manager import ClientStats, SwarmClient
 from llmswarm.transport import ConnectionClosed
 from llmswarm_core import wire
 from llmswarm_core.routemap import ModelInfo, RouteMap, ServerRecord
@@ -223,6 +223,9 @@ def test_a_failed_server_is_replaced_and_its_inputs_replayed_without_changing_th
     assert not swarm.servers["b"].alive and "b" in client.banned()
     assert all([hop[0] for hop in s.chain][:2] == ["a", "b2"] for s in sessions)
     assert swarm.servers["b2"].steps >= 2 * 3  # every step b had seen was given to b2 again
+    # Both sessions lost b after 3 steps (7 tokens each); with push, each restarted c too (b may have pushed to it).
+    replays = 2 * 2 if push else 2
+    assert client.stats == ClientStats(failovers=2, replays=replays, replayed_tokens=7 * replays, bans=1)
 
 
 def test_a_lone_session_fails_over_with_push(swarm):
@@ -232,6 +235,24 @@ def test_a_lone_session_fails_over_with_push(swarm):
     swarm.servers["b"].die_after_pushing_at = 5  # c already holds that step when b dies: c must start over too
     assert_steps([session.step(h) for h in steps], reference(steps, SPANS))
     assert [hop[0] for hop in session.chain][:2] == ["a", "b2"]
+
+
+def test_the_client_counts_failovers_replays_and_bans(swarm):
+    client = client_of(swarm)
+    assert client.stats == ClientStats()
+    steps = inputs(13, steps=8)
+    session = InferenceSession(client, BLOCKS, max_length=32)
+    swarm.servers["c"].die_at_step = 6  # the last hop dies on the sixth step: steps 0-4 (5 + 4 tokens) are replayed
+    assert_steps([session.step(h) for h in steps], reference(steps, SPANS))
+    assert client.stats == ClientStats(failovers=1, replays=1, replayed_tokens=9, bans=1)
+    client.ban("b2", 5.0)  # busy, not failed: not a ban for failing
+    client.ban("c")  # still banned: not counted again
+    assert client.stats.bans == 1
+    swarm.servers["a"].die_at_step = swarm.servers["a"].steps + 1  # the first hop dies on a new session's first step:
+    # nothing to replay there, but the hops after it that the step may have been pushed to start over (empty too)
+    fresh = InferenceSession(client, BLOCKS, max_length=32)
+    assert_steps([fresh.step(h) for h in steps[:2]], reference(steps[:2], SPANS))
+    assert client.stats == ClientStats(failovers=2, replays=1, replayed_tokens=9, bans=2)
 
 
 def test_an_error_that_is_not_retried_is_that_sessions_result_and_the_others_go_on(swarm):

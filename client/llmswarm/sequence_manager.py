@@ -7,10 +7,12 @@ the Retry-After it asked for; the chain is the cheapest path over the servers st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import requests
 
@@ -24,8 +26,31 @@ from llmswarm_core.security import client_ssl_context
 log = logging.getLogger("llmswarm.client")
 
 
+@dataclass(frozen=True)
+class ClientStats:
+    """What a client has met so far (a snapshot: ``SwarmClient.stats``); see SwarmClient for each count."""
+
+    failovers: int = 0
+    replays: int = 0
+    replayed_tokens: int = 0
+    bans: int = 0
+
+
 class SwarmClient:
-    """Route map reader, round-trip-time meter and server ban list, shared by sessions."""
+    """Route map reader, round-trip-time meter and server ban list, shared by sessions.
+
+    ``stats`` counts, over the client's life and every session and thread that uses it:
+
+    - ``failovers``: servers that failed during an inference step and whose blocks the step engine
+      routed again to servers that were given the session's past inputs (a failover that found no
+      working replacement is not counted: it ended in a SwarmError);
+    - ``replays``: spans of a session's chain rebuilt on new server sessions by replaying every input
+      the old one had (one per failover after the session's first step, plus one per later hop that a
+      pushed step may have reached and that started over);
+    - ``replayed_tokens``: the tokens (batch x length) of the inputs given again in those replays;
+    - ``bans``: times a server was put on the ban list for failing (a busy server that asked to be
+      retried later is not counted).
+    """
 
     def __init__(self, swarm: str, config: ClientConfig | None = None) -> None:
         self.url = swarm.rstrip("/")
@@ -42,6 +67,20 @@ class SwarmClient:
         self._busy: set[str] = set()  # ids avoided only because they said "busy, retry after"
         self._lock = threading.Lock()
         self._hops: dict[str, tuple[int, float]] = {}  # server id -> (inference steps, seconds from send to output)
+        self._stats = ClientStats()
+
+    @property
+    def stats(self) -> ClientStats:
+        """Failovers, replays and bans so far (see the class docstring)."""
+        with self._lock:
+            return self._stats
+
+    def count(self, failovers: int = 0, replays: int = 0, replayed_tokens: int = 0, bans: int = 0) -> None:
+        """Add to ``stats`` (from any thread)."""
+        with self._lock:
+            s = self._stats
+            self._stats = dataclasses.replace(s, failovers=s.failovers + failovers, replays=s.replays + replays,
+                                              replayed_tokens=s.replayed_tokens + replayed_tokens, bans=s.bans + bans)
 
     def routes(self, refresh: bool = False) -> RouteMap:
         with self._lock:
@@ -95,6 +134,7 @@ class SwarmClient:
                 self._busy.add(server_id)
             else:
                 self._busy.discard(server_id)
+                self._stats = dataclasses.replace(self._stats, bans=self._stats.bans + 1)
         log.warning("avoiding server %s for %.1f s", server_id, length)
 
     def next_unban(self) -> float | None:

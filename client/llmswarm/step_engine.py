@@ -16,7 +16,7 @@ on alone once the group is done: the server is avoided for a while, its blocks a
 the new servers are given every input the old one had (replayed through this same engine) so
 they rebuild its cache, and the step goes on from there. Hops after it that may have been pushed
 this step are started over the same way, so no cache ever holds a step twice; the output does
-not change.
+not change. The client's ``stats`` count each failover and replay (sequence_manager.SwarmClient).
 """
 
 from __future__ import annotations
@@ -179,13 +179,16 @@ def _replace(chain: SpanChain, failed: SpanSession, ban: bool) -> None:
         current = spans
         try:
             _replay(chain, failed.start, failed.end, history)
-            return
         except SERVER_FAILURES as error:
             for span in spans:
                 span.close()
             if attempt == client.config.max_retries:
                 raise SwarmError(f"failover of blocks [{failed.start}, {failed.end}) failed: {error}") from error
             client.backoff(attempt)
+        else:
+            tokens = sum(recorded.hidden.shape[0] * recorded.hidden.shape[1] for recorded in history)
+            client.count(failovers=int(ban), replays=int(bool(history)), replayed_tokens=tokens)
+            return
 
 
 def _replay(chain: SpanChain, start: int, end: int, history: list[Recorded]) -> None:
