@@ -18,6 +18,7 @@ _EXPORTS = {
     "ClientConfig": "llmswarm.config",
     "InferenceSession": "llmswarm.inference",
     "RemoteSequential": "llmswarm.stateless",
+    "ClientStats": "llmswarm.sequence_manager",
     "SwarmClient": "llmswarm.sequence_manager",
     "SwarmError": "llmswarm.errors",
 }
