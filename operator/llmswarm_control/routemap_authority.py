@@ -6,7 +6,8 @@ authority:
 - :class:`Announcements` (the local substrate): every server that announces itself and keeps
   up its heartbeat is listed, with the span and state it announces. The model is the
   one given, else the first one announced.
-- :class:`OperatorRecord` (Kubernetes): the operator's record (its ``routes.json``) says
+- :class:`OperatorRecord` (Kubernetes): the operator's record (its ``routes.json``, from the
+  API and from the mounted file: the newer counts) says
   *which* servers belong to the swarm and their spans; announcements add what only the
   servers know: measured throughput, free cache, and ``online`` a little before the
   kubelet's view reaches the record. A server that is not in the record is never listed,
@@ -94,6 +95,7 @@ class OperatorRecord:
         self.record: RouteMap | None = None
         self.table = RouteTable()
         self._map = RouteMap(model=None, version=0, servers=[])
+        self._sources: dict[str, RouteMap] = {}  # the last record of each source (the mounted file, the API)
 
     @property
     def ready(self) -> bool:
@@ -103,12 +105,22 @@ class OperatorRecord:
     def version(self) -> int:
         return self._map.version
 
-    def load(self, record: RouteMap) -> None:
-        """A new record from the operator."""
-        if self.record is None or record.model != self.record.model:
-            self.table = RouteTable(record.model)  # a new model: old announcements mean nothing
-        self.record = record
-        self._publish(adopt=record.version)
+    def load(self, record: RouteMap, source: str = "file") -> None:
+        """A new record from the operator, read from `source`.
+
+        With two sources (the mounted file, refreshed by the kubelet a minute late, and the API, within a
+        second), the newest record of the two is the record: a stale file never brings back a server the
+        API's record no longer lists. (If the operator's numbering starts again, the new record counts once
+        both sources show it.)
+        """
+        self._sources[source] = record
+        newest = max(self._sources.values(), key=lambda r: r.version)
+        if newest == self.record:
+            return
+        if self.record is None or newest.model != self.record.model:
+            self.table = RouteTable(newest.model)  # a new model: old announcements mean nothing
+        self.record = newest
+        self._publish(adopt=newest.version)
 
     def listed(self, server_id: str) -> bool:
         return self.record is not None and any(s.id == server_id for s in self.record.servers)

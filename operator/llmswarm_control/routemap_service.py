@@ -243,6 +243,8 @@ class RouteMapService:
             self._task.cancel()
         if self._watch_task is not None:
             self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task  # closes its HTTP session
         for task in self._proving.values():
             task.cancel()
 

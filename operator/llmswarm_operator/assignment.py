@@ -68,10 +68,8 @@ def fits(assignment: Assignment, swarm: str, placement: Placement) -> bool:
 
 
 def _named_for(server: DesiredServer, swarm: str) -> bool:
-    prefix = f"{swarm}-{server.pool}-{server.span.start}-{server.span.end}-"
-    ordinal = server.name.removeprefix(prefix)
-    return server.name.startswith(prefix) and ordinal.isdigit() and server_name(
-        swarm, server.pool, server.span, int(ordinal)) == server.name
+    ordinal = server.name.rsplit("-", 1)[-1]
+    return ordinal.isdigit() and server_name(swarm, server.pool, server.span, int(ordinal)) == server.name
 
 
 def moved(swarm: str, desired: Sequence[DesiredServer], moves: Iterable[Move],

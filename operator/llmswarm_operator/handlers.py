@@ -1,7 +1,7 @@
 """Kopf registration: which function runs on which event. The logic lives elsewhere.
 
 - ``startup``/``cleanup``: the :class:`~llmswarm_operator.runtime.Runtime` (settings, API
-  client, metrics listener);
+  client, metrics listener), and with peering a random priority per replica;
 - ``login``: Kopf's own minimal login, shared with the operator's API client;
 - ``create``/``update``/``resume``: one reconciliation; an invalid spec is a
   :class:`kopf.PermanentError`, servers not ready yet a :class:`kopf.TemporaryError`
@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+from collections.abc import Awaitable
 from typing import Any
 
 import kopf
 
 from llmswarm_operator import kubeapi
 from llmswarm_operator.reconcile import Outcome
-from llmswarm_operator.runtime import ReconcileFailed, Runtime
+from llmswarm_operator.runtime import ReconcileFailed, ReconcileRefused, Runtime
 from llmswarm_operator.settings import PREFIX, OperatorSettings
 from llmswarm_operator.swarm_spec import GROUP, PLURAL, VERSION
 
@@ -55,6 +57,26 @@ def _post(body: Any, outcome: Outcome) -> None:
         kopf.event(body, type=kind, reason=reason, message=message[:1000])
 
 
+async def _reported(runtime: Runtime, body: Any, patch: kopf.Patch, work: Awaitable[Outcome | None]) -> Outcome | None:
+    """Run `work` and write what it found (status, Events); a failure is retried after the retry delay.
+
+    A refusal the API server will repeat (403, 422, ...) is written too, before the retry: the Swarm's status
+    and an Event say which request failed and why, not only the operator's log.
+    """
+    try:
+        outcome = await work
+    except ReconcileRefused as error:
+        _write_status(body, patch, error.outcome.status)
+        _post(body, error.outcome)
+        raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
+    except ReconcileFailed as error:
+        raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
+    if outcome is not None:
+        _write_status(body, patch, outcome.status)
+        _post(body, outcome)
+    return outcome
+
+
 def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None:
     """Register the operator's handlers into `registry`, with the timer firing every `reconcile_interval` s."""
 
@@ -67,7 +89,14 @@ def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None
         settings.posting.level = logging.CRITICAL
         settings.persistence.finalizer = "llmswarm.dev/finalizer"
         settings.background.instant_exit_timeout = 0.5  # let a timer tick in flight finish when the operator stops
-        await _runtime(memo).start()
+        runtime = _runtime(memo)
+        if runtime.settings.peering:
+            # Kopf pauses every replica that sees another of equal priority: each draws its own, and the highest
+            # live one acts. A replica gone silent counts as alive for `peering_lifetime` seconds.
+            settings.peering.priority = secrets.randbelow(2**31 - 1) + 1
+            settings.peering.lifetime = runtime.settings.peering_lifetime
+            logger.info("peering %r with priority %d", runtime.settings.peering, settings.peering.priority)
+        await runtime.start()
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -92,12 +121,9 @@ def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None
     async def converge(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger,
                        **_: Any) -> None:
         runtime = _runtime(memo)
-        try:
-            outcome = await runtime.run(body, str(reason), logger)
-        except ReconcileFailed as error:
-            raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
-        _write_status(body, patch, outcome.status)
-        _post(body, outcome)
+        outcome = await _reported(runtime, body, patch, runtime.run(body, str(reason), logger))
+        if outcome is None:
+            return
         if outcome.invalid:
             raise kopf.PermanentError(f"invalid spec: {outcome.invalid}")
         if outcome.phase in ("Pending", "Progressing"):
@@ -109,25 +135,14 @@ def register(registry: kopf.OperatorRegistry, reconcile_interval: float) -> None
     async def reconcile_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
                               **_: Any) -> None:
         runtime = _runtime(memo)
-        try:
-            outcome = await runtime.run(body, "timer", logger)
-        except ReconcileFailed as error:
-            raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
-        _write_status(body, patch, outcome.status)
-        _post(body, outcome)
+        await _reported(runtime, body, patch, runtime.run(body, "timer", logger))
 
     @kopf.timer(*RESOURCE, interval=min(reconcile_interval, REBALANCE_TICK), initial_delay=reconcile_interval,
                 registry=registry)
     async def rebalance_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
                               **_: Any) -> None:
         runtime = _runtime(memo)
-        try:
-            outcome = await runtime.rebalance(body, logger)
-        except ReconcileFailed as error:
-            raise kopf.TemporaryError(str(error), delay=runtime.settings.retry_delay) from error
-        if outcome is not None:
-            _write_status(body, patch, outcome.status)
-            _post(body, outcome)
+        await _reported(runtime, body, patch, runtime.rebalance(body, logger))
 
     @kopf.on.event(*RESOURCE, registry=registry)
     def forget_deleted(type: str, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:

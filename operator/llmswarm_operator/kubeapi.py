@@ -38,21 +38,35 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "Service": ("v1", "services", True),
     "ConfigMap": ("v1", "configmaps", True),
     "Pod": ("v1", "pods", True),
+    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets", True),
     "Event": ("v1", "events", True),
+    "ServiceAccount": ("v1", "serviceaccounts", True),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings", True),
     "Swarm": ("llmswarm.dev/v1alpha1", "swarms", True),
 }
 
 Body = dict[str, Any]
 
 
-class ApiError(Exception):
-    """The API server refused a request; `status` is its HTTP status."""
+#: Statuses that a retry of the same request cannot change (bad request, unauthorized, forbidden, not found,
+#: method not allowed, not acceptable, too large, unsupported media type, invalid): a person must act.
+PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 405, 406, 413, 415, 422})
 
-    def __init__(self, status: int, message: str, reason: str = "") -> None:
-        super().__init__(f"{status} {reason}: {message}".strip())
+
+class ApiError(Exception):
+    """The API server refused a request; `status` is its HTTP status, `request` the method and path."""
+
+    def __init__(self, status: int, message: str, reason: str = "", request: str = "") -> None:
+        super().__init__(f"{request + ': ' if request else ''}{status} {reason}: {message}".strip())
         self.status = status
         self.reason = reason
         self.message = message
+        self.request = request
+
+    @property
+    def permanent(self) -> bool:
+        return self.status in PERMANENT_STATUSES
 
 
 class NotFound(ApiError):
@@ -61,6 +75,18 @@ class NotFound(ApiError):
 
 class Conflict(ApiError):
     pass
+
+
+class OwnershipConflict(Exception):
+    """An object the operator would write exists and belongs to something else: it is left alone."""
+
+    def __init__(self, kind: str, name: str, holder: str) -> None:
+        whose = "has no owner" if holder == "no owner" else f"is owned by {holder}"
+        super().__init__(f"{kind} {name} exists and {whose}, not by this Swarm: it is left alone (delete or rename "
+                         "it, and the operator creates its own)")
+        self.kind = kind
+        self.name = name
+        self.holder = holder
 
 
 def path_for(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
@@ -257,7 +283,7 @@ class KubeClient:
                         self.use(info)
                         continue
                 if response.status >= 400:
-                    raise _error(response.status, text)
+                    raise _error(response.status, text, f"{method} {path}")
                 return json.loads(text) if text else None
         raise AssertionError("unreachable")
 
@@ -293,17 +319,17 @@ class KubeClient:
         return True
 
 
-def _error(status: int, text: str) -> ApiError:
+def _error(status: int, text: str, request: str = "") -> ApiError:
     try:
         payload = json.loads(text)
         message, reason = str(payload.get("message", text)), str(payload.get("reason", ""))
     except (ValueError, AttributeError):
         message, reason = text[:500], ""
     if status == 404:
-        return NotFound(status, message, reason)
+        return NotFound(status, message, reason, request)
     if status == 409:
-        return Conflict(status, message, reason)
-    return ApiError(status, message, reason)
+        return Conflict(status, message, reason, request)
+    return ApiError(status, message, reason, request)
 
 
 ApplyResult = Literal["created", "updated", "unchanged"]
@@ -332,6 +358,9 @@ async def apply(kube: KubeClient, obj: Body, existing: Body | None = _UNKNOWN) -
       changed, so a restarted operator writes nothing and server-side defaults never cause
       endless updates.
 
+    An object that exists but is not owned by the controller the manifest names (another Swarm's, or one
+    made by hand) is never written: :class:`OwnershipConflict` says whose it is.
+
     The known difference from SSA with ``force``: a hand edit of a field the operator sets
     stays until what the operator builds for that object changes (SSA would undo it at the
     next apply), and nothing records who owns which field.
@@ -349,6 +378,7 @@ async def apply(kube: KubeClient, obj: Body, existing: Body | None = _UNKNOWN) -
             existing = await kube.get(kind, namespace, name)
             if existing is None:
                 raise
+    check_owner(obj, existing)
     annotations = existing.get("metadata", {}).get("annotations") or {}
     if annotations.get(HASH_ANNOTATION) == meta["annotations"][HASH_ANNOTATION]:
         return "unchanged"
@@ -359,6 +389,24 @@ async def apply(kube: KubeClient, obj: Body, existing: Body | None = _UNKNOWN) -
     patch = merge(obj, removals(applied, obj)) if isinstance(applied, Mapping) else obj
     await kube.patch(kind, namespace, name, patch)
     return "updated"
+
+
+def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((ref for ref in refs if ref.get("controller")), None)
+
+
+def check_owner(obj: Mapping[str, Any], existing: Mapping[str, Any]) -> None:
+    """Raise :class:`OwnershipConflict` unless `existing` is owned by the controller `obj` names (if it names one)."""
+    wanted = controller_of(obj)
+    if wanted is None:
+        return
+    refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+    if any(ref.get("uid") == wanted.get("uid") for ref in refs):
+        return
+    holder = controller_of(existing) or (refs[0] if refs else None)
+    raise OwnershipConflict(obj["kind"], obj["metadata"]["name"],
+                            f"{holder.get('kind')} {holder.get('name')}" if holder else "no owner")
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

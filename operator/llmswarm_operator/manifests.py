@@ -6,12 +6,15 @@ Service). Everything carries an owner reference to the Swarm and the
 ``app.kubernetes.io/*`` labels; selectors use only labels that never change.
 
 A server's identity is its pool, its span and an ordinal among equal ones
-(``<swarm>-<pool>-<start>-<end>-<n>``): a new span is a new server, started next to the
-old one, which is drained only when the new one is ready.
+(``<swarm>-<pool>-<key>-<start>-<end>-<n>``, :func:`server_name`): a new span is a new
+server, started next to the old one, which is drained only when the new one is ready.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +38,18 @@ ROUTES_FILE = "routes.json"
 ASSIGNMENT_FILE = "assignment.json"  # see assignment.py
 ROUTES_DIR = "/etc/llmswarm"
 CACHE_DIR = "/var/cache/llmswarm"
+LABEL_BLOCKS = "llmswarm.dev/blocks"  # a server pod's span as "START-END": replicas of the same blocks avoid each other
+GPU_RESOURCE = "nvidia.com/gpu"
+#: The image's own user (node_image/Dockerfile): pods run as it, never as root.
+RUN_AS = 10001
+#: What the restricted Pod Security profile asks of every pod and container (tests/operator/pod_security.py).
+POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "privileged": False,
+                                      "capabilities": {"drop": ["ALL"]}}
+#: Bytes on disk per byte in memory of a block's weights: a quantized span is downloaded in 16 bits.
+DOWNLOAD_FACTOR = {"none": 1, "int8": 2, "nf4": 4}
+SCRATCH_BYTES = 2**30  # ephemeral storage beyond the span's files: logs, /tmp, the runtime's caches
 
 
 @dataclass(frozen=True)
@@ -59,8 +74,24 @@ class DesiredServer:
     span: Span
 
 
+MAX_NAME = 63  # a DNS label: Services are named after servers
+
+
+def pool_key(swarm: str, pool: str) -> str:
+    """Six characters (a-z, 2-7) from a digest of (swarm, pool): what tells ``a-b``/``c`` from ``a``/``b-c``."""
+    digest = hashlib.sha256(f"{swarm}/{pool}".encode()).digest()
+    return base64.b32encode(digest).decode()[:6].lower()
+
+
 def server_name(swarm: str, pool: str, span: Span, ordinal: int) -> str:
-    return f"{swarm}-{pool}-{span.start}-{span.end}-{ordinal}"
+    """``<swarm>-<pool>-<key>-<start>-<end>-<n>``, at most 63 characters (the readable part is cut first).
+
+    Swarm and pool names may both hold ``-``, so they alone cannot tell Swarm ``a-b`` with pool ``c``
+    from Swarm ``a`` with pool ``b-c``; the key (:func:`pool_key`) does. Every name ends in a digit, so it
+    never equals a Swarm's ``<swarm>-routemap`` either.
+    """
+    suffix = f"-{pool_key(swarm, pool)}-{span.start}-{span.end}-{ordinal}"
+    return f"{swarm}-{pool}"[:MAX_NAME - len(suffix)].rstrip("-") + suffix
 
 
 def routemap_name(swarm: str) -> str:
@@ -152,6 +183,70 @@ def _http_probe(path: str, period: int, failures: int) -> Body:
             "timeoutSeconds": 5}
 
 
+def image_pull_secrets(spec: SwarmSpec, settings: OperatorSettings) -> list[Body]:
+    """The operator's pull secrets and the Swarm's, each once, in order."""
+    names = dict.fromkeys([*settings.image_pull_secrets, *(ref.name for ref in spec.image_pull_secrets)])
+    return [{"name": name} for name in names]
+
+
+def gpu_env(resources: Body) -> list[Body]:
+    """``NVIDIA_VISIBLE_DEVICES=void`` for a container that asks for no GPU.
+
+    The CUDA image sets it to ``all``: on a node whose default runtime is NVIDIA's, a pod without a GPU limit
+    would then see every GPU of the node, those the device plugin gave other pods included. ``void`` exposes
+    none (and no driver). With a GPU limit, the device plugin sets it to the GPUs it allocated.
+    """
+    asked = {**(resources.get("requests") or {}), **(resources.get("limits") or {})}
+    return [] if GPU_RESOURCE in asked else [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}]
+
+
+def _hardened_pod(spec: SwarmSpec, settings: OperatorSettings, containers: list[Body], volumes: list[Body],
+                  account: str | None = None) -> Body:
+    """A pod spec that passes the restricted Pod Security profile: non-root, no privilege, a read-only root
+    filesystem with a scratch ``/tmp``; an API token only with a ServiceAccount of its own (`account`)."""
+    for container in containers:
+        container["securityContext"] = copy.deepcopy(CONTAINER_SECURITY)
+        container["volumeMounts"] = [*container.get("volumeMounts", []), {"name": "tmp", "mountPath": "/tmp"}]
+    pod: Body = {
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "automountServiceAccountToken": account is not None,  # only a pod with its own, least-privilege account
+        "enableServiceLinks": False,
+        "containers": containers,
+        "volumes": [*volumes, {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+    }
+    if account is not None:
+        pod["serviceAccountName"] = account
+    secrets = image_pull_secrets(spec, settings)
+    if secrets:
+        pod["imagePullSecrets"] = secrets
+    return pod
+
+
+def ephemeral_request(cost: BlockCost, span: Span, quantization: str) -> str:
+    """Ephemeral storage a server needs: its span's files as downloaded (estimated), plus scratch space."""
+    needed = cost.weight_bytes * len(span) * DOWNLOAD_FACTOR.get(quantization, 1) + SCRATCH_BYTES
+    return f"{-(-needed // 2**20)}Mi"
+
+
+def _spread(owner: Owner, server: DesiredServer) -> Body:
+    """Replicas of the same blocks prefer different nodes; a Swarm's servers spread evenly over nodes."""
+    same_blocks = {LABEL_SWARM: owner.name, LABEL_BLOCKS: _blocks_label(server.span)}
+    return {
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100,
+            "podAffinityTerm": {"labelSelector": {"matchLabels": same_blocks}, "topologyKey": "kubernetes.io/hostname"},
+        }]}},
+        "topologySpreadConstraints": [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {LABEL_SWARM: owner.name, "app.kubernetes.io/component": COMPONENT_SERVER}},
+        }],
+    }
+
+
+def _blocks_label(span: Span) -> str:
+    return f"{span.start}-{span.end}"
+
+
 def server_deployment(
     owner: Owner, spec: SwarmSpec, cost: BlockCost, server: DesiredServer, settings: OperatorSettings,
 ) -> Body:
@@ -159,6 +254,9 @@ def server_deployment(
     extra = {LABEL_SERVER: server.name, LABEL_POOL: server.pool}
     match = {LABEL_SWARM: owner.name, LABEL_SERVER: server.name}
     span = str(server.span)
+    resources = _resources(pool)
+    requests = resources.setdefault("requests", {})
+    requests.setdefault("ephemeral-storage", ephemeral_request(cost, server.span, spec.model.quantization))
     container: Body = {
         "name": "server",
         "image": spec.image or settings.image,
@@ -170,21 +268,21 @@ def server_deployment(
             {"name": "LLMSWARM_CACHE", "value": CACHE_DIR},
             {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
             {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+            *gpu_env(resources),
             *token_env(settings),
         ],
-        "resources": _resources(pool),
+        "resources": resources,
         # Loading a span can take minutes: the startup probe covers it (up to 30 minutes).
         "startupProbe": _http_probe("/healthz", 10, 180),
         "livenessProbe": _http_probe("/healthz", 20, 3),
         "readinessProbe": _http_probe("/readyz", 5, 2),
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
     }
-    pod_spec: Body = {
-        "containers": [container],
-        "volumes": [{"name": "cache", "emptyDir": {}}],
-        "terminationGracePeriodSeconds": 60,
-        "enableServiceLinks": False,
-    }
+    pod_spec = _hardened_pod(spec, settings, [container], [{"name": "cache", "emptyDir": {}}])
+    pod_spec["terminationGracePeriodSeconds"] = 60
+    pod_spec.update(_spread(owner, server))
+    if pool.runtime_class_name:
+        pod_spec["runtimeClassName"] = pool.runtime_class_name
     if pool.node_selector:
         pod_spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
@@ -201,7 +299,7 @@ def server_deployment(
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
                 "metadata": {
-                    "labels": pod_labels(owner.name, COMPONENT_SERVER, **extra),
+                    "labels": pod_labels(owner.name, COMPONENT_SERVER, **extra, **{LABEL_BLOCKS: _blocks_label(server.span)}),
                     "annotations": {
                         ANNOTATION_SPAN: span,
                         "prometheus.io/scrape": "true",
@@ -256,6 +354,22 @@ def token_env(settings: OperatorSettings) -> list[Body]:
 def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSettings) -> Body:
     name = routemap_name(owner.name)
     port = spec.route_map.port
+    resources = {"requests": {"cpu": "50m", "memory": "128Mi", "ephemeral-storage": "64Mi"}, "limits": {"memory": "512Mi"}}
+    container: Body = {
+        "name": "routemap",
+        "image": settings.routemap_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "llmswarm_control.routemap_service"],
+        # The record through the API (within a second) and from the mounted file (the kubelet refreshes it a
+        # minute late): the newer counts, so a server the operator deleted is not served from a stale file.
+        "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--configmap", name, "--host", "0.0.0.0", "--port", str(port)],
+        "env": [*gpu_env(resources), *token_env(settings)],
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "resources": resources,
+        "readinessProbe": _http_probe("/readyz", 5, 3),  # ready once it read routes.json
+        "livenessProbe": _http_probe("/healthz", 20, 3),
+        "volumeMounts": [{"name": "routes", "mountPath": ROUTES_DIR, "readOnly": True}],
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -270,24 +384,49 @@ def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSetting
                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                                     "prometheus.io/path": "/metrics"},
                 },
-                "spec": {
-                    "containers": [{
-                        "name": "routemap",
-                        "image": spec.image or settings.image,
-                        "imagePullPolicy": settings.image_pull_policy,
-                        "command": ["python", "-m", "llmswarm_control.routemap_service"],
-                        "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--host", "0.0.0.0", "--port", str(port)],
-                        "env": token_env(settings),
-                        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-                        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-                        "readinessProbe": _http_probe("/readyz", 5, 3),  # ready once it read routes.json
-                        "livenessProbe": _http_probe("/healthz", 20, 3),
-                        "volumeMounts": [{"name": "routes", "mountPath": ROUTES_DIR, "readOnly": True}],
-                    }],
-                    "volumes": [{"name": "routes", "configMap": {"name": name}}],
-                    "enableServiceLinks": False,
-                },
+                "spec": _hardened_pod(spec, settings, [container], [{"name": "routes", "configMap": {"name": name}}],
+                                      account=name),
             },
+        },
+    }
+
+
+def routemap_access(owner: Owner) -> tuple[Body, Body, Body]:
+    """The route map's own ServiceAccount, and a Role (with its RoleBinding) that lets it read and watch its
+    ConfigMap and nothing else (``resourceNames``)."""
+    name = routemap_name(owner.name)
+    object_labels = labels(owner.name, COMPONENT_ROUTEMAP)
+    account: Body = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(owner, name, object_labels),
+                     "automountServiceAccountToken": False}  # mounted by the route-map pod only, which asks for it
+    role: Body = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(owner, name, object_labels),
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name], "verbs": ["get", "list", "watch"]}],
+    }
+    binding: Body = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(owner, name, object_labels),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+    }
+    return account, role, binding
+
+
+def disruption_budget_name(swarm: str) -> str:
+    return f"{swarm}-servers"
+
+
+def server_disruption_budget(owner: Owner, min_replicas: int) -> Body:
+    """A PodDisruptionBudget over the Swarm's block servers: voluntary evictions (node drains, cluster upgrades)
+    take at most ``min_replicas - 1`` servers at once, so every block keeps one (`min_replicas`: the fewest
+    desired servers holding any block). With one server per block, nothing is evicted until the Swarm gets
+    more; a pod that is not ready serves nothing and may always go."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, disruption_budget_name(owner.name), labels(owner.name, COMPONENT_SERVER)),
+        "spec": {
+            "maxUnavailable": max(min_replicas - 1, 0),
+            "selector": {"matchLabels": {LABEL_SWARM: owner.name, "app.kubernetes.io/component": COMPONENT_SERVER}},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 

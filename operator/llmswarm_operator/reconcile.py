@@ -17,13 +17,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from llmswarm_core.routemap import ModelInfo, RouteMap
-from llmswarm_core.spans import Span
+from llmswarm_core.spans import Span, coverage
 from llmswarm_operator import manifests as m
 from llmswarm_operator.assignment import Assignment, fits
-from llmswarm_operator.kubeapi import KubeClient, apply
+from llmswarm_operator.kubeapi import KubeClient, OwnershipConflict, apply
 from llmswarm_operator.planner import ExistingServer, ServerEntry, online_coverage, plan_servers, ready_servers, route_map
 from llmswarm_operator.settings import OperatorSettings
-from llmswarm_operator.status import Seen, find_condition, invalid_status, swarm_status
+from llmswarm_operator.status import Seen, conflict_message, find_condition, invalid_status, swarm_status
 from llmswarm_operator.swarm_spec import InvalidSpec, check_name, parse_spec, plan_placement
 from llmswarm_operator.timestamps import epoch, iso
 
@@ -37,6 +37,7 @@ class Outcome:
     invalid: str | None = None  # the reason the spec cannot be acted on
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     writes: dict[str, int] = field(default_factory=dict)  # "created Deployment" -> count
+    conflicts: list[str] = field(default_factory=list)  # objects left alone: they exist and are not this Swarm's
     # What the rebalancer builds on (empty for an invalid spec):
     desired: list[m.DesiredServer] = field(default_factory=list)  # the servers that should exist
     entries: list[ServerEntry] = field(default_factory=list)  # every server now, with its state
@@ -123,8 +124,9 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     services = [s for s in await kube.list("Service", namespace, selector) if owned_by(s, uid)]
     pods = await kube.list("Pod", namespace, selector)
     configmap = await kube.get("ConfigMap", namespace, m.routemap_name(name))
+    ours = configmap if configmap is not None and owned_by(configmap, uid) else None  # never read another's record
     if assignment is None:
-        assignment = stored_assignment(configmap)
+        assignment = stored_assignment(ours)
     if assignment is not None and not fits(assignment, name, placement):
         assignment = None  # the spec changed the servers: the placement wins
     desired = list(assignment.servers) if assignment is not None else m.desired_servers(name, placement)
@@ -136,7 +138,9 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     # ---- act: the route-map service first, then new servers, then old ones ----
     listed = {("Deployment", d["metadata"]["name"]): d for d in deployments}
     listed.update({("Service", s["metadata"]["name"]): s for s in services})
-    for obj in (m.routemap_service(owner, spec), m.routemap_deployment(owner, spec, settings)):
+    fewest = min(coverage(shape.num_blocks, [d.span for d in desired]), default=0)
+    for obj in (*m.routemap_access(owner), m.routemap_service(owner, spec), m.routemap_deployment(owner, spec, settings),
+                m.server_disruption_budget(owner, fewest)):
         await _apply(kube, obj, outcome, listed)
     for server in desired:
         if await _apply(kube, m.server_deployment(owner, spec, cost, server, settings), outcome, listed) == "created":
@@ -167,7 +171,7 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     # ---- publish the route map ----
     model = ModelInfo(name=shape.name, num_blocks=shape.num_blocks, hidden_size=shape.hidden_size)
     urls = {e.name: f"http://{m.service_host(e.name, namespace, settings)}:{spec.server.port}" for e in plan.entries}
-    routes = route_map(model, plan.entries, urls, spec.model.dtype, previous_route_map(configmap))
+    routes = route_map(model, plan.entries, urls, spec.model.dtype, previous_route_map(ours))
     stored = assignment.to_json() if assignment is not None else None
     await _apply(kube, m.routemap_configmap(owner, routes, stored), outcome, {("ConfigMap", m.routemap_name(name)): configmap})
 
@@ -176,7 +180,7 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
         redundancy=spec.redundancy, placement=placement, plan=plan,
         online_coverage=online_coverage(shape.num_blocks, plan.entries), routemap_version=routes.version,
         routemap_url=m.public_routemap_url(owner, spec, settings), routemap_configmap=m.routemap_name(name),
-        generation=generation,
+        generation=generation, conflicts=tuple(outcome.conflicts),
     )
     outcome.status = swarm_status(seen, previous)
     outcome.phase = outcome.status["phase"]
@@ -184,13 +188,21 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     outcome.workloads, outcome.rebalanced = set(existing), assignment is not None
     if not placement.feasible and (previous.get("placement") or {}).get("message") != placement.message:
         outcome.events.append(("Warning", "PlacementInsufficient", placement.message))
+    if outcome.conflicts and conflict_message(outcome.conflicts) != (find_condition(previous, "Degraded") or {}).get("message"):
+        outcome.events.append(("Warning", "ObjectConflict", conflict_message(outcome.conflicts)))
     return outcome
 
 
 async def _apply(kube: KubeClient, obj: Body, outcome: Outcome, listed: Mapping[tuple[str, str], Body | None]) -> str:
-    """Apply `obj`, knowing what exists from the lists read at the start (objects of another owner are read)."""
+    """Apply `obj`, knowing what exists from the lists read at the start (objects of another owner are read).
+
+    An object that exists and is not this Swarm's is left alone and reported (``conflict``)."""
     key = (obj["kind"], obj["metadata"]["name"])
-    result = await apply(kube, obj, listed[key]) if key in listed else await apply(kube, obj)
+    try:
+        result = await apply(kube, obj, listed[key]) if key in listed else await apply(kube, obj)
+    except OwnershipConflict as error:
+        outcome.conflicts.append(str(error))
+        return "conflict"
     if result != "unchanged":
         outcome.count(f"{result} {obj['kind']}")
     return result

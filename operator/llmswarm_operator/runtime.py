@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from llmswarm_operator.kubeapi import ApiError, KubeClient
 from llmswarm_operator.operator_metrics import OperatorMetrics
 from llmswarm_operator.reconcile import Outcome, reconcile, summary
 from llmswarm_operator.settings import OperatorSettings
+from llmswarm_operator.status import find_condition, refused_status
 from llmswarm_operator.swarm_rebalance import due, enabled_spec, rebalance_round, source_for
 
 log = logging.getLogger("llmswarm.operator")
@@ -27,6 +29,35 @@ log = logging.getLogger("llmswarm.operator")
 
 class ReconcileFailed(Exception):
     """The API server could not be reached or refused a request; worth a retry."""
+
+
+class ReconcileRefused(ReconcileFailed):
+    """The API server refused a write for good (403, 422, ...): `outcome` holds the status and the Event that tell
+    the user which request and why. The operator still retries (a granted permission heals the Swarm)."""
+
+    def __init__(self, message: str, outcome: Outcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+HINTS = {
+    401: "the operator's credentials were refused",
+    403: "the operator's RBAC lacks this permission (charts/llmswarm/templates/rbac.yaml)",
+    404: "the API server does not serve this resource or namespace",
+    422: "the API server (or an admission policy) refused the object as built from the Swarm's spec",
+}
+
+
+def refusal(body: Mapping[str, Any], error: ApiError) -> Outcome:
+    """The status and Event that report a write the API server refuses for good."""
+    reason = error.reason if error.reason.isalpha() else "".join(HTTPStatus(error.status).phrase.title().split())
+    hint = HINTS.get(error.status, "the API server refused the request")
+    message = f"{hint}: {error.request}: {error.status} {error.reason}: {error.message}"
+    previous = body.get("status") or {}
+    outcome = Outcome(refused_status(reason, message, (body.get("metadata") or {}).get("generation"), previous), "Failed")
+    if (find_condition(previous, "Ready") or {}).get("message") != message[:4000]:
+        outcome.events.append(("Warning", reason, message))
+    return outcome
 
 
 class Runtime:
@@ -57,10 +88,7 @@ class Runtime:
             try:
                 outcome = await reconcile(self.kube, self.settings, body)
             except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as error:
-                kind = f"api_{error.status}" if isinstance(error, ApiError) else type(error).__name__
-                self.metrics.errors.labels(kind).inc()
-                self.metrics.reconciles.labels(trigger, "error").inc()
-                raise ReconcileFailed(f"{type(error).__name__}: {error}") from error
+                raise self._failed(body, trigger, error) from error
             finally:
                 self.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
         self.last_reconcile[key] = time.time()
@@ -90,12 +118,9 @@ class Runtime:
             try:
                 round_ = await rebalance_round(self.kube, self.settings, body, spec, source, now)
             except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as error:
-                kind = f"api_{error.status}" if isinstance(error, ApiError) else type(error).__name__
-                self.metrics.errors.labels(kind).inc()
-                self.metrics.reconciles.labels("rebalance", "error").inc()
                 self.metrics.rebalance.observe(*key, "failed")
                 self.last_rebalance[key] = now
-                raise ReconcileFailed(f"{type(error).__name__}: {error}") from error
+                raise self._failed(body, "rebalance", error) from error
             finally:
                 self.metrics.duration.labels("rebalance").observe(time.perf_counter() - started)
         self.last_rebalance[key] = now
@@ -115,6 +140,16 @@ class Runtime:
         else:
             logger.debug("rebalance round %s: %s", round_.result, round_.message)
         return outcome
+
+    def _failed(self, body: Mapping[str, Any], trigger: str, error: BaseException) -> ReconcileFailed:
+        """Count a failed reconciliation; a permanent refusal comes with the status and Event that report it."""
+        kind = f"api_{error.status}" if isinstance(error, ApiError) else type(error).__name__
+        self.metrics.errors.labels(kind).inc()
+        self.metrics.reconciles.labels(trigger, "error").inc()
+        text = f"{type(error).__name__}: {error}"
+        if isinstance(error, ApiError) and error.permanent:
+            return ReconcileRefused(text, refusal(body, error))
+        return ReconcileFailed(text)
 
     def forget(self, namespace: str, name: str) -> None:
         self.metrics.forget(namespace, name)

@@ -29,10 +29,15 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class OperatorSettings:
-    #: Image of block servers and of the route-map service, unless a Swarm sets ``spec.image``.
+    #: Image of block servers (the CUDA build), unless a Swarm sets ``spec.image``.
     image: str = field(default_factory=lambda: f"ghcr.io/llmswarm/node:{package_version()}")
+    #: Image of the route-map service: the CPU build (it never needs CUDA).
+    routemap_image: str = field(default_factory=lambda: f"ghcr.io/llmswarm/node:{package_version()}-cpu")
     #: imagePullPolicy of the pods the operator creates.
     image_pull_policy: str = "IfNotPresent"
+    #: Secrets with registry credentials (names, comma separated) given to every pod the operator creates, in the
+    #: Swarm's namespace; a Swarm's ``spec.imagePullSecrets`` adds more.
+    image_pull_secrets: tuple[str, ...] = ()
     #: Namespaces to watch, comma separated; empty: the whole cluster.
     namespaces: tuple[str, ...] = ()
     #: Seconds between two level-based reconciliations of one Swarm (the timer).
@@ -49,6 +54,9 @@ class OperatorSettings:
     liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
     #: Name of the Kopf peering object (so that only one operator acts); empty: standalone.
     peering: str = ""
+    #: Seconds a replica's peering record stays valid without a keep-alive: how soon the others take over from a
+    #: replica that died without a goodbye (each replica draws a random priority; the highest live one acts).
+    peering_lifetime: int = 60
     #: Cluster DNS suffix used in the URLs of servers and of the route-map service.
     cluster_domain: str = "svc.cluster.local"
     #: Servers the rebalancer moves in one round, at most (a Swarm's ``spec.rebalance`` sets when and how much gain).
@@ -79,8 +87,9 @@ class OperatorSettings:
         return settings
 
     def check(self) -> None:
-        if not self.image:
-            raise SettingsError(f"{PREFIX}IMAGE must not be empty")
+        for name in ("image", "routemap_image"):
+            if not getattr(self, name):
+                raise SettingsError(f"{PREFIX}{name.upper()} must not be empty")
         if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
             raise SettingsError(f"{PREFIX}IMAGE_PULL_POLICY must be Always, IfNotPresent or Never")
         for name in ("reconcile_interval", "retry_delay"):
@@ -88,6 +97,8 @@ class OperatorSettings:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be > 0")
         if self.drain_seconds < 0:
             raise SettingsError(f"{PREFIX}DRAIN_SECONDS must be >= 0")
+        if self.peering_lifetime < 1:
+            raise SettingsError(f"{PREFIX}PEERING_LIFETIME must be >= 1")
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"{PREFIX}METRICS_PORT must be a port number or 0")
         if self.liveness_endpoint and not self.liveness_endpoint.startswith(("http://", "https://")):

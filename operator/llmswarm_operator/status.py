@@ -10,8 +10,8 @@ Phases:
 - ``Degraded``: nothing is left to roll out, but the pools cannot give every block
   ``redundancy`` servers (``placement.message`` says which blocks and how much memory
   is missing);
-- ``Failed``: the spec is invalid (the ``Ready`` condition says what to fix); the servers
-  that exist keep running.
+- ``Failed``: the spec is invalid, or the API server refuses the operator's writes (the
+  ``Ready`` condition says what to fix); the servers that exist keep running.
 
 Conditions ``Ready``, ``Progressing`` and ``Degraded`` follow the Kubernetes conventions
 (``status``, ``reason``, ``message``, ``lastTransitionTime`` kept while the status stays).
@@ -46,6 +46,11 @@ class Seen:
     routemap_url: str
     routemap_configmap: str
     generation: int | None = None
+    conflicts: tuple[str, ...] = ()  # objects the Swarm needs that exist and belong to something else
+
+
+def conflict_message(conflicts: Sequence[str]) -> str:
+    return "; ".join(conflicts)
 
 
 def phase_of(seen: Seen) -> str:
@@ -82,7 +87,12 @@ def swarm_status(seen: Seen, previous: Mapping[str, Any] | None, now: str | None
     else:
         ready_reason, ready_message = "BelowRedundancy", f"blocks {ranges(short)} have fewer than {seen.redundancy} online servers"
 
-    if not seen.placement.feasible:
+    if seen.conflicts:
+        # The Swarm cannot be whole while another object holds one of its names: that comes first.
+        phase = DEGRADED if phase == READY else phase
+        ready_reason, ready_message = "ObjectConflict", conflict_message(seen.conflicts)
+        degraded = (True, "ObjectConflict", conflict_message(seen.conflicts))
+    elif not seen.placement.feasible:
         degraded = (True, "PlacementInsufficient", seen.placement.message)
     elif short:
         degraded = (True, "BelowRedundancy", f"blocks {ranges(short)} have fewer than {seen.redundancy} online servers")
@@ -132,14 +142,31 @@ def swarm_status(seen: Seen, previous: Mapping[str, Any] | None, now: str | None
 
 def invalid_status(message: str, generation: int | None, previous: Mapping[str, Any] | None, now: str | None = None) -> Body:
     """Status of a Swarm whose spec cannot be acted on. Other fields (servers, coverage) stay as they were."""
+    return failed_status("InvalidSpec", message, "the spec must be fixed first", generation, previous, now)
+
+
+def refused_status(reason: str, message: str, generation: int | None, previous: Mapping[str, Any] | None,
+                   now: str | None = None) -> Body:
+    """Status of a Swarm whose objects the API server refuses to write (RBAC, admission, validation).
+
+    Like an invalid spec, it needs a person: the ``Ready`` and ``Degraded`` conditions carry the API
+    server's reason and answer; what exists keeps running, and the operator keeps trying (a granted
+    permission heals it without anyone touching the Swarm).
+    """
+    return failed_status(reason, message, "the API server refuses the operator's writes", generation, previous, now)
+
+
+def failed_status(reason: str, message: str, progress: str, generation: int | None, previous: Mapping[str, Any] | None,
+                  now: str | None = None) -> Body:
+    """Phase ``Failed``: the Swarm cannot be acted on until a person fixes what `message` says."""
     now = now or now_iso()
     old_conditions = (previous or {}).get("conditions") or []
     status: Body = {
         "phase": FAILED,
         "conditions": [
-            condition("Ready", False, "InvalidSpec", message, old_conditions, now, generation),
-            condition("Progressing", False, "InvalidSpec", "the spec must be fixed first", old_conditions, now, generation),
-            condition("Degraded", True, "InvalidSpec", message, old_conditions, now, generation),
+            condition("Ready", False, reason, message, old_conditions, now, generation),
+            condition("Progressing", False, reason, progress, old_conditions, now, generation),
+            condition("Degraded", True, reason, message, old_conditions, now, generation),
         ],
     }
     if generation is not None:

@@ -144,6 +144,7 @@ class PoolSpec(_Spec):
     min_servers: Annotated[int, Field(ge=0, le=1000)] = 1
     max_servers: Annotated[int, Field(ge=0, le=1000)] | None = None
     blocks_per_server: Annotated[int, Field(ge=1)] | None = None
+    runtime_class_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
@@ -165,6 +166,10 @@ class PoolSpec(_Spec):
     @property
     def usable_bytes(self) -> int:
         return parse_bytes(self.gpu_memory) - parse_bytes(self.reserved_memory)
+
+
+class LocalObjectReference(_Spec):
+    name: Annotated[str, Field(min_length=1, max_length=253)]
 
 
 class ServerSpec(_Spec):
@@ -190,6 +195,7 @@ class SwarmSpec(_Spec):
     redundancy: Annotated[int, Field(ge=1, le=64)] = 1
     pools: Annotated[list[PoolSpec], Field(min_length=1, max_length=32)]
     image: str | None = None
+    image_pull_secrets: Annotated[list[LocalObjectReference], Field(max_length=16)] = Field(default_factory=list)
     server: ServerSpec = Field(default_factory=ServerSpec)
     rebalance: RebalanceSpec = Field(default_factory=RebalanceSpec)
     route_map: RouteMapSpec = Field(default_factory=RouteMapSpec)

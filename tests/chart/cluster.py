@@ -117,7 +117,8 @@ async def running_chart_cluster(tmp: Path, namespace: str) -> AsyncIterator[tupl
 async def helm_install(emulator: ChartEmulator, kubectl: Kubectl, installed: list[dict[str, Any]]) -> None:
     """What `helm install` does: the CRDs from crds/ first, then the rendered templates (hooks aside), each
     checked to be stored as rendered."""
-    assert await install_crds(emulator, kubectl, crd_documents()) == ["llmswarm.dev/v1alpha1/swarms"]
+    assert sorted(await install_crds(emulator, kubectl, crd_documents())) == [
+        "kopf.dev/v1/clusterkopfpeerings", "kopf.dev/v1/kopfpeerings", "llmswarm.dev/v1alpha1/swarms"]
     out = await kubectl.apply(yaml.safe_dump_all(installed))
     for manifest in installed:
         kind, name = manifest["kind"], manifest["metadata"]["name"]
@@ -145,12 +146,18 @@ async def install_crds(emulator: ChartEmulator, kubectl: Kubectl, documents: lis
     return served
 
 
-def container_environment(container: dict[str, Any], emulator: ChartEmulator, namespace: str) -> dict[str, str]:
-    """The container's env as the kubelet gives it: values, and Secret keys read from the cluster."""
+def container_environment(container: dict[str, Any], emulator: ChartEmulator, namespace: str,
+                          pod: str = "pod-0") -> dict[str, str]:
+    """The container's env as the kubelet gives it: values, the pod's own fields (`pod`: its name), and Secret keys
+    read from the cluster."""
     env = {}
     for item in container.get("env") or []:
         if "value" in item:
             env[item["name"]] = str(item["value"])
+            continue
+        if "fieldRef" in item["valueFrom"]:
+            fields = {"metadata.name": pod, "metadata.namespace": namespace}
+            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
             continue
         ref = item["valueFrom"]["secretKeyRef"]
         secret = emulator.stored("secrets", namespace, ref["name"])
@@ -214,15 +221,44 @@ def granted(rendered: Rendered, service_account: str, namespace: str | None, gro
 
 
 def operator_requests(emulator: ChartEmulator) -> list[tuple[str | None, str, str, str]]:
-    """(namespace, group, resource[/subresource], verb) of every API request the operator process made."""
+    """(namespace, group, resource[/subresource], verb) of every API request the operator process made.
+
+    A write that sets an owner reference with ``blockOwnerDeletion: true`` also needs ``update`` on the owner's
+    ``finalizers`` subresource: the OwnerReferencesPermissionEnforcement admission plugin (on in most clusters)
+    refuses it otherwise; that permission is listed too, as the plugin checks it.
+    """
     out = []
     for request in list(emulator):
         agent = request.headers.get("User-Agent", "")
         if request.resource is None or request.resource.plural is None or not agent.startswith(("kopf/", "llmswarm-operator")):
             continue  # not the operator, or discovery (allowed to every authenticated client)
         resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-        out.append((request.namespace, request.resource.group, resource, verb_of(request)))
+        verb = verb_of(request)
+        out.append((request.namespace, request.resource.group, resource, verb))
+        if verb in ("create", "patch", "update") and isinstance(request.data, dict):
+            for ref in (request.data.get("metadata") or {}).get("ownerReferences") or []:
+                if ref.get("blockOwnerDeletion"):
+                    group = ref["apiVersion"].rpartition("/")[0]
+                    out.append((request.namespace, group, f"{PLURALS[ref['kind']]}/finalizers", "update"))
     return out
+
+
+def granted_by_operator(emulator: ChartEmulator) -> set[tuple[str | None, str, str, str]]:
+    """(namespace, group, resource, verb) of every permission in the Roles the operator wrote: RBAC refuses to
+    create or change a Role that grants more than its writer holds (unless it may `escalate`, which it may not)."""
+    out = set()
+    for request in operator_writes(emulator, "roles"):
+        for rule in request.data.get("rules") or []:
+            for group in rule.get("apiGroups") or []:
+                for resource in rule.get("resources") or []:
+                    for verb in rule.get("verbs") or []:
+                        out.add((request.namespace, group, resource, verb))
+    return out
+
+
+def operator_writes(emulator: ChartEmulator, plural: str) -> list[Any]:
+    return [r for r in list(emulator) if r.resource is not None and r.resource.plural == plural and isinstance(r.data, dict)
+            and verb_of(r) in ("create", "patch", "update") and r.headers.get("User-Agent", "").startswith("llmswarm-operator")]
 
 
 def audit(rendered: Rendered, emulator: ChartEmulator, deployment: dict[str, Any], output: Path, name: str) -> list[tuple[str, str, str]]:
@@ -233,6 +269,9 @@ def audit(rendered: Rendered, emulator: ChartEmulator, deployment: dict[str, Any
     release_namespace = deployment["metadata"]["namespace"]
     denied = sorted({r for r in requests if not granted(rendered, service_account, *r, release_namespace=release_namespace)}, key=str)
     assert denied == [], f"requests the chart's RBAC would refuse: {denied}"
+    escalations = sorted({rule for rule in granted_by_operator(emulator)
+                          if not granted(rendered, service_account, *rule, release_namespace=release_namespace)}, key=str)
+    assert escalations == [], f"the operator grants what it does not hold (the API server refuses such a Role): {escalations}"
     used = sorted({(r[1], r[2], r[3]) for r in requests})
     (output / f"operator-requests-{name}.json").write_text(json.dumps(used, indent=1))
     return used

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from helm_python import Chart
+from helm_python import Chart, _native
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "llmswarm"
@@ -60,10 +61,23 @@ def load_chart() -> Chart:
     return Chart.load(str(CHART_DIR))
 
 
-def render(values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE) -> Rendered:
+#: The API versions of a cluster with the Prometheus Operator (kube-prometheus-stack) installed.
+PROMETHEUS_OPERATOR = ("monitoring.coreos.com/v1",)
+
+
+def render(values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE,
+           api_versions: tuple[str, ...] = ()) -> Rendered:
+    """`helm install --dry-run` (`helm template`): `api_versions` are what the cluster serves beyond the built-in
+    ones (`.Capabilities.APIVersions`, `helm template --api-versions`)."""
     chart = load_chart()
     try:
-        templates = chart.render(copy.deepcopy(values or {}), name=release, namespace=namespace, is_install=True)
+        if api_versions:
+            # helm-python-sdk 0.2.2's Chart.render() has no api_versions argument; its engine takes them as an option.
+            options = {"name": release, "namespace": namespace, "is_install": True, "api_versions": list(api_versions)}
+            templates = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(copy.deepcopy(values or {})),
+                                                       json.dumps(options)))
+        else:
+            templates = chart.render(copy.deepcopy(values or {}), name=release, namespace=namespace, is_install=True)
     finally:
         chart.close()
     rendered = Rendered(templates)

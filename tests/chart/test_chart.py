@@ -20,12 +20,15 @@ from helm_python import HelmError, HelmValuesError
 
 from llmswarm_operator import manifests as operator_manifests
 from llmswarm_operator.settings import PREFIX, OperatorSettings
+from tests.chart.cluster import granted
 from tests.chart.crd_schema import VALUES_SCHEMA, crd_spec_schema, swarm_schema, swarm_spec_values_schema
 from tests.chart.rendering import (
     CHART_DIR,
     NAMESPACE,
+    PROMETHEUS_OPERATOR,
     RELEASE,
     Rendered,
+    crd_documents,
     env_of,
     load_chart,
     merge,
@@ -35,16 +38,18 @@ from tests.chart.rendering import (
     scenario_values,
     selector_matches,
 )
+from tests.operator.pod_security import restricted_violations
 
 K8S_VERSION = "1.37"
 SCENARIOS = list(scenario_files())
 VALUES_FILE = CHART_DIR / "values.yaml"
-CRD_KINDS = {"Swarm", "ServiceMonitor", "PodMonitor"}
+CRD_KINDS = {"Swarm", "ServiceMonitor", "PodMonitor", "ClusterKopfPeering", "KopfPeering"}
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, Rendered]:
-    return {name: render(scenario_values(name)) for name in SCENARIOS}
+    """Each scenario, as installed into a cluster that runs the Prometheus Operator."""
+    return {name: render(scenario_values(name), api_versions=PROMETHEUS_OPERATOR) for name in SCENARIOS}
 
 
 def test_the_ci_scenarios_are_there() -> None:
@@ -83,12 +88,13 @@ def test_renders_the_expected_objects(rendered: dict[str, Rendered], scenario: s
     assert always <= set(r.kinds())
     assert r.get("Deployment", f"{RELEASE}-operator")
     expected = {
-        "default": ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Deployment", "Service",
+        "default": ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "RoleBinding", "Service",
                     "ServiceAccount"],
         "minimal": ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "RoleBinding", "ServiceAccount"],
-        "all-on": ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "ConfigMap", "Deployment",
-                   "Deployment", "Ingress", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "Pod", "PodMonitor", "Secret",
-                   "Service", "Service", "Service", "ServiceAccount", "ServiceMonitor", "ServiceMonitor", "Swarm"],
+        "all-on": ["ClusterKopfPeering", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "ConfigMap",
+                   "Deployment", "Deployment", "Ingress", "Job", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "Pod",
+                   "PodMonitor", "Role", "RoleBinding", "Secret", "Service", "Service", "Service", "ServiceAccount", "ServiceAccount",
+                   "ServiceMonitor", "ServiceMonitor", "Swarm"],
     }
     if scenario in expected:
         assert r.kinds() == expected[scenario]
@@ -137,6 +143,11 @@ def test_every_manifest_validates_against_kubernetes_schemas(rendered: dict[str,
             jsonschema.Draft7Validator(monitor_schema("endpoints")).validate(manifest)
         elif kind == "PodMonitor":
             jsonschema.Draft7Validator(monitor_schema("podMetricsEndpoints")).validate(manifest)
+        elif kind in ("ClusterKopfPeering", "KopfPeering"):
+            (definition,) = [d for d in crd_documents() if d["spec"]["names"]["kind"] == kind]
+            assert manifest["apiVersion"] == f"{definition['spec']['group']}/{definition['spec']['versions'][0]['name']}"
+            assert ("namespace" in manifest["metadata"]) == (definition["spec"]["scope"] == "Namespaced")
+            assert set(manifest) <= {"apiVersion", "kind", "metadata", "status"}
         else:
             kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
     assert {m["kind"] for m in rendered[scenario].manifests} - CRD_KINDS  # most kinds went through kubernetes-validate
@@ -167,7 +178,7 @@ def test_labels_and_selectors(rendered: dict[str, Rendered], scenario: str) -> N
                     "app.kubernetes.io/version", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by", "helm.sh/chart"):
             assert key in labels, f"{m['kind']}/{m['metadata']['name']} has no {key}"
         assert labels["app.kubernetes.io/name"] == "llmswarm" and labels["app.kubernetes.io/instance"] == RELEASE
-        if m["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if m["kind"] not in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"):
             assert m["metadata"].get("namespace") == NAMESPACE, f"{m['kind']}/{m['metadata']['name']}"
     for m in r.all("Deployment"):
         selector = m["spec"]["selector"]["matchLabels"]
@@ -200,10 +211,29 @@ def test_pods_run_as_non_root_read_only_without_capabilities(rendered: dict[str,
             sc = container["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, name
             assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], name
-            assert container["image"] == f"ghcr.io/llmswarm/node:{operator_manifests.package_version()}"
+            assert container["image"] == f"ghcr.io/llmswarm/node:{operator_manifests.package_version()}-cpu"
         mounts = {m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts") or []}
         if name.endswith(("-operator", "-gateway")):
             assert "/tmp" in mounts, f"{name}: Python needs a writable /tmp on a read-only root filesystem"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_chart_pods_pass_the_restricted_profile_and_see_no_gpu(rendered: dict[str, Rendered], scenario: str) -> None:
+    for name, meta, spec in pod_templates(rendered[scenario]):
+        assert restricted_violations(spec, meta) == [], name
+        for container in spec["containers"]:
+            # The CUDA image says NVIDIA_VISIBLE_DEVICES=all: none of the chart's pods asks for a GPU.
+            assert env_of(container)["NVIDIA_VISIBLE_DEVICES"] == "void", name
+
+
+def test_the_chart_pull_secrets_reach_the_operators_pods(rendered: dict[str, Rendered]) -> None:
+    def operator_env(r: Rendered) -> dict[str, Any]:
+        return env_of(r.get("Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0])
+
+    assert operator_env(rendered["default"])["LLMSWARM_OPERATOR_IMAGE_PULL_SECRETS"] == ""
+    assert operator_env(rendered["all-on"])["LLMSWARM_OPERATOR_IMAGE_PULL_SECRETS"] == "regcred"
+    given = render({"imagePullSecrets": [{"name": "a"}], "operator": {"settings": {"imagePullSecrets": ["b", "c"]}}})
+    assert operator_env(given)["LLMSWARM_OPERATOR_IMAGE_PULL_SECRETS"] == "b,c"
 
 
 def test_resources_are_left_to_the_user_by_default(rendered: dict[str, Rendered]) -> None:
@@ -236,9 +266,10 @@ def test_operator_settings_values_map_one_to_one_onto_the_environment() -> None:
     defaults = yaml.safe_load(VALUES_FILE.read_text())["operator"]["settings"]
     assert list(defaults) == [_camel(f) for f in fields], "operator.settings must have one key per OperatorSettings field"
     values = {"operator": {"settings": {
-        "image": "registry.example/node:7", "imagePullPolicy": "Always", "namespaces": ["team-a", "team-b"],
+        "image": "registry.example/node:7", "imagePullPolicy": "Always", "imagePullSecrets": ["regcred", "team"],
+        "namespaces": ["team-a", "team-b"],
         "reconcileInterval": 7.5, "retryDelay": 3, "drainSeconds": 0, "metricsPort": 9191, "metricsHost": "127.0.0.1",
-        "livenessEndpoint": "http://0.0.0.0:8181/alive", "peering": "llmswarm", "clusterDomain": "cluster.example",
+        "livenessEndpoint": "http://0.0.0.0:8181/alive", "peering": "llmswarm", "peeringLifetime": 30, "clusterDomain": "cluster.example",
         "rebalanceMaxMoves": 3, "rebalanceScrapeUrl": "https://{server}.{namespace}:{port}/metrics"}}}
     container = render(values).get("Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
     env = env_of(container)
@@ -246,9 +277,11 @@ def test_operator_settings_values_map_one_to_one_onto_the_environment() -> None:
     assert {k for k in env if k.startswith(PREFIX)} == {PREFIX + f.upper() for f in fields}
     settings = OperatorSettings.from_env({k: v for k, v in env.items() if isinstance(v, str)})
     assert settings == OperatorSettings(
-        image="registry.example/node:7", image_pull_policy="Always", namespaces=("team-a", "team-b"), reconcile_interval=7.5,
+        image="registry.example/node:7", image_pull_policy="Always", image_pull_secrets=("regcred", "team"),
+        namespaces=("team-a", "team-b"), reconcile_interval=7.5,
         retry_delay=3.0, drain_seconds=0.0, metrics_port=9191, metrics_host="127.0.0.1",
-        liveness_endpoint="http://0.0.0.0:8181/alive", peering="llmswarm", cluster_domain="cluster.example", rebalance_max_moves=3,
+        liveness_endpoint="http://0.0.0.0:8181/alive", peering="llmswarm", peering_lifetime=30, cluster_domain="cluster.example",
+        rebalance_max_moves=3,
         rebalance_scrape_url="https://{server}.{namespace}:{port}/metrics")
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 9191, "health": 8181}
     assert container["livenessProbe"]["httpGet"]["path"] == "/alive"
@@ -257,17 +290,35 @@ def test_operator_settings_values_map_one_to_one_onto_the_environment() -> None:
 def test_default_settings_equal_the_operators_own_defaults_but_the_image() -> None:
     container = render().get("Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
     settings = OperatorSettings.from_env({k: v for k, v in env_of(container).items() if isinstance(v, str)})
-    # The operator's own default image is ghcr.io/llmswarm/node:<its version>: the chart says the same.
-    assert settings == OperatorSettings()
-    assert settings.image == container["image"]
+    # The operator's own default image is ghcr.io/llmswarm/node:<its version>: the chart says the same. It watches
+    # every namespace by default; the chart, its own namespace only (operator.clusterWide).
+    assert settings == dataclasses.replace(OperatorSettings(), namespaces=(NAMESPACE,))
+    assert settings.routemap_image == container["image"]  # the CPU build, for the operator as for the route maps
 
 
-def test_more_than_one_replica_needs_peering() -> None:
-    with pytest.raises(HelmError, match=r"operator.replicaCount > 1 needs operator.settings.peering"):
-        render({"operator": {"replicaCount": 2}})
-    deployment = render({"operator": {"replicaCount": 2, "settings": {"peering": "p"}}}).get("Deployment", f"{RELEASE}-operator")
-    assert "strategy" not in deployment["spec"]  # rolling: the peers hand over
-    assert render().get("Deployment", f"{RELEASE}-operator")["spec"]["strategy"] == {"type": "Recreate"}
+def test_more_than_one_replica_shares_a_peering_object() -> None:
+    single = render()
+    assert single.get("Deployment", f"{RELEASE}-operator")["spec"]["strategy"] == {"type": "Recreate"}
+    assert not single.all("ClusterKopfPeering") and not single.all("KopfPeering")
+    assert env_of(single.get("Deployment")["spec"]["template"]["spec"]["containers"][0])["LLMSWARM_OPERATOR_PEERING"] == ""
+    for values, kind, namespaces in (({"operator": {"replicaCount": 2}}, "KopfPeering", [NAMESPACE]),
+                                     ({"operator": {"replicaCount": 2, "clusterWide": True}}, "ClusterKopfPeering", [None]),
+                                     ({"operator": {"settings": {"peering": "p", "namespaces": ["a", "b"]}}}, "KopfPeering", ["a", "b"])):
+        r = render(values)
+        deployment = r.get("Deployment", f"{RELEASE}-operator")
+        assert "strategy" not in deployment["spec"]  # rolling: the peers hand over
+        env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+        name = values["operator"].get("settings", {}).get("peering") or RELEASE
+        assert env["LLMSWARM_OPERATOR_PEERING"] == name
+        assert env["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # each replica's name among its peers
+        assert [(p["metadata"]["name"], p["metadata"].get("namespace")) for p in r.all(kind)] == [(name, n) for n in namespaces]
+        plural = kind.lower() + "s"
+        account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        for namespace in namespaces:
+            for verb in ("get", "list", "watch", "patch"):
+                assert granted(r, account, namespace, "kopf.dev", plural, verb), (kind, namespace, verb)
+    # The CRDs come with the chart (Helm installs crds/ first).
+    assert {d["metadata"]["name"] for d in crd_documents()} >= {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
 
 
 # ---- RBAC ------------------------------------------------------------------------------------------------------
@@ -292,7 +343,7 @@ def test_rbac_is_least_privilege(rendered: dict[str, Rendered]) -> None:
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
             assert "secrets" not in rule["resources"], "the operator never reads Secrets"
     # Watching every namespace: bound cluster-wide. Watching some: bound in each of them only.
-    default = rendered["default"]
+    default = render({"operator": {"clusterWide": True}})
     assert {b["roleRef"]["name"] for b in default.all("ClusterRoleBinding")} == {f"{RELEASE}-operator", f"{RELEASE}-operator-cluster"}
     minimal = rendered["minimal"]
     assert [b["roleRef"]["name"] for b in minimal.all("ClusterRoleBinding")] == [f"{RELEASE}-operator-cluster"]
@@ -303,8 +354,39 @@ def test_rbac_is_least_privilege(rendered: dict[str, Rendered]) -> None:
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}]
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_owner_references_that_block_deletion_are_allowed(rendered: dict[str, Rendered], scenario: str) -> None:
+    """The operator's objects say ``blockOwnerDeletion: true``: with the OwnerReferencesPermissionEnforcement
+    admission plugin, that needs ``update`` on ``swarms/finalizers`` wherever it creates them."""
+    from tests.chart.cluster import granted
+
+    r = rendered[scenario]
+    assert operator_manifests.Owner("s", "n", "u").reference()["blockOwnerDeletion"] is True
+    deployment = r.get("Deployment", f"{RELEASE}-operator")
+    namespaces = env_of(deployment["spec"]["template"]["spec"]["containers"][0])["LLMSWARM_OPERATOR_NAMESPACES"]
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    for namespace in namespaces.split(",") if namespaces else [NAMESPACE, "elsewhere"]:
+        assert granted(r, account, namespace, "llmswarm.dev", "swarms/finalizers", "update"), namespace
+
+
+def test_the_operator_watches_its_own_namespace_unless_told_otherwise() -> None:
+    def watched(r: Rendered) -> str:
+        container = r.get("Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
+        return str(env_of(container)["LLMSWARM_OPERATOR_NAMESPACES"])
+
+    default = render()
+    assert watched(default) == NAMESPACE
+    assert [(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in default.all("RoleBinding")] == [(NAMESPACE, f"{RELEASE}-operator")]
+    assert [b["roleRef"]["name"] for b in default.all("ClusterRoleBinding")] == [f"{RELEASE}-operator-cluster"]
+    cluster_wide = render({"operator": {"clusterWide": True}})
+    assert watched(cluster_wide) == "" and not cluster_wide.all("RoleBinding")
+    assert f"{RELEASE}-operator" in [b["roleRef"]["name"] for b in cluster_wide.all("ClusterRoleBinding")]
+    chosen = render({"operator": {"clusterWide": True, "settings": {"namespaces": ["a", "b"]}}})
+    assert watched(chosen) == "a,b" and [b["metadata"]["namespace"] for b in chosen.all("RoleBinding")] == ["a", "b"]
+
+
 def test_peering_gets_its_own_rules() -> None:
-    cluster_wide = render({"operator": {"settings": {"peering": "p"}}})
+    cluster_wide = render({"operator": {"clusterWide": True, "settings": {"peering": "p"}}})
     assert any("clusterkopfpeerings" in rule["resources"] for rule in _rules(cluster_wide))
     namespaced = render({"operator": {"settings": {"peering": "p", "namespaces": ["a"]}}})
     assert any("kopfpeerings" in rule["resources"] for rule in _rules(namespaced))
@@ -445,6 +527,78 @@ def test_dashboard_configmap_carries_the_dashboard_file(rendered: dict[str, Rend
     assert configmap["metadata"]["labels"]["dash"] == "yes" and configmap["metadata"]["namespace"] == "monitoring"
 
 
+def test_monitors_only_where_the_prometheus_operator_serves_its_api() -> None:
+    values = scenario_values("all-on")
+    without = render(values)
+    assert not without.all("ServiceMonitor") and not without.all("PodMonitor")  # an install would fail on them
+    assert "monitoring.coreos.com/v1" in without.notes  # ...and NOTES say why they are missing
+    served = render(values, api_versions=PROMETHEUS_OPERATOR)
+    assert len(served.all("ServiceMonitor")) == 2 and len(served.all("PodMonitor")) == 1
+    assert "monitoring.coreos.com/v1" not in served.notes
+    forced = render(merge(values, {"metrics": {"forceMonitors": True}}))
+    assert [m["kind"] for m in forced.manifests if m["kind"].endswith("Monitor")] == [m["kind"] for m in served.manifests
+                                                                                     if m["kind"].endswith("Monitor")]
+
+
+def test_operator_route_maps_gateway_and_test_use_the_cpu_image() -> None:
+    version = operator_manifests.package_version()
+    r = render(scenario_values("all-on"))
+    cpu_image = f"ghcr.io/llmswarm/node:{version}-cpu"
+    for name, _, spec in pod_templates(r):
+        assert {c["image"] for c in spec["containers"]} == {cpu_image}, name  # none of them needs CUDA
+    operator = env_of(r.get("Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0])
+    assert operator["LLMSWARM_OPERATOR_ROUTEMAP_IMAGE"] == cpu_image  # the route maps it runs
+    assert operator["LLMSWARM_OPERATOR_IMAGE"] == f"ghcr.io/llmswarm/node:{version}"  # block servers: the CUDA build
+    tagged = render({"image": {"tag": "7", "cpuTag": "7-slim"}})
+    container = tagged.get("Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/llmswarm/node:7-slim"
+    assert env_of(container)["LLMSWARM_OPERATOR_IMAGE"] == "ghcr.io/llmswarm/node:7"
+
+
+def admits_from_outside(policies: list[dict[str, Any]], labels: dict[str, str], port: str) -> bool:
+    """Whether a client outside the cluster (a load balancer, a node port, an ingress controller in a namespace no
+    selector names) reaches `port` of a pod with `labels` through these NetworkPolicies."""
+    selecting = [p["spec"] for p in policies if selector_matches(p["spec"]["podSelector"], labels)]
+    if not selecting:
+        return True  # no policy isolates the pod
+    for policy in selecting:
+        for rule in policy.get("ingress") or []:
+            ports = [p["port"] for p in rule.get("ports") or []]
+            if ports and port not in ports:
+                continue
+            peers = rule.get("from") or []
+            if not peers or any("ipBlock" in peer for peer in peers):
+                return True
+    return False
+
+
+def test_network_policies_admit_the_documented_external_access() -> None:
+    swarm = "team"
+    routemap_pod = operator_manifests.pod_labels(swarm, operator_manifests.COMPONENT_ROUTEMAP)
+    server_pod = operator_manifests.pod_labels(swarm, operator_manifests.COMPONENT_SERVER)
+    base = {"networkPolicy": {"enabled": True}, "routeMap": {"swarmName": swarm}}
+    closed = render(base)
+    assert not admits_from_outside(closed.all("NetworkPolicy"), routemap_pod, "http")  # ClusterIP: in-cluster only
+    for exposed in ({"service": {"type": "NodePort"}}, {"service": {"type": "LoadBalancer"}}, {"ingress": {"enabled": True}}):
+        policies = render(merge(base, {"routeMap": exposed})).all("NetworkPolicy")
+        assert admits_from_outside(policies, routemap_pod, "http"), exposed
+        assert not admits_from_outside(policies, server_pod, "http"), "the servers stay cluster-internal"
+        assert not admits_from_outside(policies, operator_manifests.pod_labels("other", operator_manifests.COMPONENT_ROUTEMAP),
+                                       "http"), "only the exposed Swarm's route map"
+    gateway_values = merge(base, {"gateway": {"enabled": True}})
+    gateway_pod = render(gateway_values).get("Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["labels"]
+    assert not admits_from_outside(render(gateway_values).all("NetworkPolicy"), gateway_pod, "http")
+    exposed_gateway = render(merge(gateway_values, {"gateway": {"service": {"type": "LoadBalancer"}}})).all("NetworkPolicy")
+    assert admits_from_outside(exposed_gateway, gateway_pod, "http")
+    # networkPolicy.externalFrom narrows who that is.
+    narrowed = render(merge(base, {"routeMap": {"ingress": {"enabled": True}}, "networkPolicy": {
+        "externalFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]}}))
+    assert not admits_from_outside(narrowed.all("NetworkPolicy"), routemap_pod, "http")
+    assert any(rule.get("from") == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+               for p in narrowed.all("NetworkPolicy") for rule in p["spec"].get("ingress") or []
+               if selector_matches(p["spec"]["podSelector"], routemap_pod))
+
+
 def test_network_policies(rendered: dict[str, Rendered]) -> None:
     assert not rendered["default"].all("NetworkPolicy")
     r = rendered["all-on"]
@@ -454,7 +608,7 @@ def test_network_policies(rendered: dict[str, Rendered]) -> None:
     routemap_pod = operator_manifests.pod_labels("smollm2", operator_manifests.COMPONENT_ROUTEMAP)
     test_pod = r.get("Pod")["metadata"]["labels"]
     policies = {p["metadata"]["name"].removeprefix(f"{RELEASE}-"): p["spec"] for p in r.all("NetworkPolicy")}
-    assert set(policies) == {"operator", "swarms", "gateway"}
+    assert set(policies) == {"operator", "swarms", "gateway", "routemap-external"}
 
     def selected(policy: str, labels: dict[str, str]) -> bool:
         return selector_matches(policies[policy]["podSelector"], labels)

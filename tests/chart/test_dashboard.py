@@ -29,7 +29,7 @@ from llmswarm_operator.manifests import desired_servers
 from llmswarm_operator.swarm_spec import parse_spec, plan_placement
 from tests.chart.cluster import audit, eventually, free_port, install_crds, operator_process, running_chart_cluster, swarm_phase
 from tests.chart.conftest import OUTPUT
-from tests.chart.rendering import CHART_DIR, RELEASE, ROOT, crd_documents, render
+from tests.chart.rendering import CHART_DIR, PROMETHEUS_OPERATOR, RELEASE, ROOT, crd_documents, render
 
 DASHBOARD = CHART_DIR / "dashboards" / "llmswarm.json"
 CODE_DIRS = [ROOT / "client", ROOT / "node_image", ROOT / "operator"]
@@ -316,10 +316,11 @@ async def test_every_panel_returns_data_from_a_real_prometheus(local_swarm: Any,
     assert Path(PROMETHEUS).exists(), "needs Prometheus: apt-get install -y prometheus (Debian's package)"
     OUTPUT.mkdir(parents=True, exist_ok=True)
     metrics_port = free_port()
-    rendered = render({"operator": {"settings": {"metricsPort": metrics_port, "metricsHost": "127.0.0.1", "livenessEndpoint": "",
+    rendered = render({"operator": {"clusterWide": True,  # the Swarm is in another namespace than the operator
+                                    "settings": {"metricsPort": metrics_port, "metricsHost": "127.0.0.1", "livenessEndpoint": "",
                                                  "reconcileInterval": 0.5, "retryDelay": 0.5}},
                        "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}},
-                      namespace=OPERATOR_NAMESPACE)
+                      namespace=OPERATOR_NAMESPACE, api_versions=PROMETHEUS_OPERATOR)
     # The Swarm the local servers stand for: the same model and spans; its server names label their metrics.
     spec = {"model": {"source": "smollm2"}, "pools": [{"name": "cpu", "gpuMemory": "2Gi", "minServers": 2, "blocksPerServer": 15}]}
     _, _, placement = plan_placement(parse_spec(spec))

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from llmswarm_operator.manifests import COMPONENT_ROUTEMAP, COMPONENT_SERVER, routemap_name
+from llmswarm_operator.settings import package_version
 from tests.chart.cluster import (
     ChartEmulator,
     audit,
@@ -29,7 +30,7 @@ from tests.chart.cluster import (
     running_chart_cluster,
     swarm_phase,
 )
-from tests.chart.rendering import NAMESPACE, RELEASE, ROOT, merge, render, scenario_values, selector_matches
+from tests.chart.rendering import NAMESPACE, PROMETHEUS_OPERATOR, RELEASE, ROOT, merge, render, scenario_values, selector_matches
 from tests.operator.cluster import FakeControllers, Kubectl
 
 OUTPUT = ROOT / "test-output" / "chart"
@@ -39,6 +40,10 @@ def install_values(metrics_port: int, health_port: int) -> dict[str, Any]:
     return merge(scenario_values("all-on"), {"operator": {"settings": {
         "metricsPort": metrics_port, "metricsHost": "127.0.0.1", "livenessEndpoint": f"http://127.0.0.1:{health_port}/healthz",
         "reconcileInterval": 0.5, "retryDelay": 0.5, "drainSeconds": 0}}})
+
+
+def rendered_server_image() -> str:
+    return f"ghcr.io/llmswarm/node:{package_version()}"  # the CUDA build, image.tag's default
 
 
 # ---- the test ---------------------------------------------------------------------------------------------------
@@ -61,16 +66,18 @@ async def get_text(url: str) -> tuple[int, str]:
 async def test_install_the_chart_then_the_operator_reconciles_swarms(tmp_path: Path) -> None:
     OUTPUT.mkdir(parents=True, exist_ok=True)
     metrics_port, health_port = free_port(), free_port()
-    rendered = render(install_values(metrics_port, health_port))
+    rendered = render(install_values(metrics_port, health_port), api_versions=PROMETHEUS_OPERATOR)
     installed = rendered.installed()
-    assert len(installed) == len(rendered.manifests) - 1  # all but the helm test pod
+    hooks = sorted((m["kind"], m["metadata"]["annotations"]["helm.sh/hook"]) for m in rendered.manifests if m not in installed)
+    assert hooks == [("Job", "pre-delete"), ("Pod", "test"), ("Role", "pre-delete"), ("RoleBinding", "pre-delete"),
+                     ("ServiceAccount", "pre-delete")]  # all but the helm test pod and the uninstall hook
     (OUTPUT / "all-on-installed.yaml").write_text(yaml.safe_dump_all(installed, sort_keys=False))
 
     async with running_chart_cluster(tmp_path, NAMESPACE) as (emulator, controllers, kubectl):
         # 1. What `helm install` does: CRDs from crds/ first, then the templates (hooks aside).
-        # Kopf peering (operator.settings.peering): the peering object a user creates from Kopf's peering CRD.
-        await kubectl.apply(yaml.safe_dump({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "llmswarm"}}))
+        # Kopf peering (operator.settings.peering): the chart ships the CRDs and creates the peering object.
         await helm_install(emulator, kubectl, installed)
+        assert emulator.stored("clusterkopfpeerings", None, "llmswarm") is not None
 
         # 2. The operator, as its Deployment runs it (command, env, the token from the Secret).
         deployment = rendered.get("Deployment", f"{RELEASE}-operator")
@@ -94,8 +101,12 @@ async def test_install_the_chart_then_the_operator_reconciles_swarms(tmp_path: P
             assert len(servers) == int(status["serversDesired"]) >= 3
             for server in servers:
                 server_container = server["spec"]["template"]["spec"]["containers"][0]
-                assert server_container["image"] == env["LLMSWARM_OPERATOR_IMAGE"] == container["image"]
+                assert server_container["image"] == env["LLMSWARM_OPERATOR_IMAGE"] == rendered_server_image()
                 assert server_container["args"][-2:] == ["--max-sessions", "32"]
+            routemap = emulator.stored("deployments", NAMESPACE, routemap_name(name))
+            assert routemap is not None  # the CPU build, like the operator's own
+            assert routemap["spec"]["template"]["spec"]["containers"][0]["image"] == env["LLMSWARM_OPERATOR_ROUTEMAP_IMAGE"] \
+                == container["image"]
 
             # 4. A Swarm applied afterwards, as a user does.
             example = yaml.safe_load((ROOT / "examples" / "swarm-cpu.yaml").read_text())

@@ -26,6 +26,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,13 @@ BUILTINS = {
     "v1/events": kmock.ResourceInfo(singular="event", kind="Event", namespaced=True, verbs=VERBS, shortnames={"ev"}),
     "apps/v1/deployments": kmock.ResourceInfo(singular="deployment", kind="Deployment", namespaced=True, verbs=VERBS, shortnames={"deploy"},
                                               subresources={"status"}),
+    "v1/serviceaccounts": kmock.ResourceInfo(singular="serviceaccount", kind="ServiceAccount", namespaced=True, verbs=VERBS,
+                                             shortnames={"sa"}),
+    "rbac.authorization.k8s.io/v1/roles": kmock.ResourceInfo(singular="role", kind="Role", namespaced=True, verbs=VERBS),
+    "rbac.authorization.k8s.io/v1/rolebindings": kmock.ResourceInfo(singular="rolebinding", kind="RoleBinding", namespaced=True,
+                                                                    verbs=VERBS),
+    "policy/v1/poddisruptionbudgets": kmock.ResourceInfo(singular="poddisruptionbudget", kind="PodDisruptionBudget", namespaced=True,
+                                                         verbs=VERBS, shortnames={"pdb"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(singular="customresourcedefinition",
         kind="CustomResourceDefinition", namespaced=False, verbs=VERBS, shortnames={"crd"}),
 }
@@ -76,10 +84,33 @@ def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """An answer the emulated API server gives instead of serving a request (RBAC, admission, validation)."""
+
+    method: str  # POST, PATCH, ...
+    plural: str  # deployments, services, ...
+    status: int
+    reason: str
+    message: str
+
+    def matches(self, request: kmock.Request) -> bool:
+        method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
+        return request.resource is not None and request.resource.plural == self.plural and method == self.method
+
+
 class ClusterEmulator(kmock.KubernetesEmulator):
-    """The emulator, with the metadata a real API server fills in and the status subresource's split."""
+    """The emulator, with the metadata a real API server fills in and the status subresource's split.
+
+    ``refusals`` make it answer some requests with an error, as a real API server does when RBAC or an
+    admission check refuses them.
+    """
 
     _counter = itertools.count(1)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusals: list[Refusal] = []
 
     def _with_status(self, request: kmock.Request) -> bool:
         if request.resource is None:
@@ -90,6 +121,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return False
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:  # type: ignore[override]
+        for refusal in list(self.refusals):
+            if refusal.matches(request):
+                raise KubernetesError(status=refusal.status, reason=refusal.reason, message=refusal.message)
         data = request.data
         if request.resource is not None and isinstance(data, list) and request.action == kmock.action.UPDATE:
             self._check_json_patch(request, data)

@@ -77,9 +77,11 @@ def test_routemap_deployment_runs_the_route_map_on_the_mounted_record() -> None:
     module = importlib.import_module(container["command"][2])
     assert module.build_parser is build_parser  # the module the command names is the service
     args = build_parser().parse_args(container["args"])
-    (mount,) = container["volumeMounts"]
+    mount, scratch = container["volumeMounts"]
     assert args.routes.parent.as_posix() == mount["mountPath"] and args.routes.name == m.ROUTES_FILE
-    assert pod["volumes"] == [{"name": mount["name"], "configMap": {"name": m.routemap_name(OWNER.name)}}]
+    assert pod["volumes"] == [{"name": mount["name"], "configMap": {"name": m.routemap_name(OWNER.name)}},
+                              {"name": scratch["name"], "emptyDir": {"sizeLimit": "1Gi"}}]
+    assert scratch["mountPath"] == "/tmp"  # the root filesystem is read-only
     assert args.port == spec.route_map.port == container["ports"][0]["containerPort"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # ready once it has read the record
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -107,7 +109,7 @@ def test_server_deployment_runs_llmswarm_serve_for_its_span() -> None:
     assert pod["nodeSelector"] == {"llmswarm.dev/gpu": "l4-24gb"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    assert server.name == f"demo-l4-{server.span.start}-{server.span.end}-0"
+    assert server.name == f"demo-l4-{m.pool_key('demo', 'l4')}-{server.span.start}-{server.span.end}-0"
     image_spec = parse_spec({**doc["spec"], "image": "mine:1"})
     assert m.server_deployment(OWNER, image_spec, cost, server, SETTINGS)["spec"]["template"]["spec"]["containers"][0][
         "image"] == "mine:1"
@@ -117,7 +119,8 @@ def test_equal_spans_get_distinct_names() -> None:
     spec = parse_spec({"pools": [{"name": "cpu", "gpuMemory": "2Gi", "minServers": 2, "blocksPerServer": 30}],
                        "redundancy": 2})
     _, _, placement = plan_placement(spec)
-    assert [s.name for s in m.desired_servers("demo", placement)] == ["demo-cpu-0-30-0", "demo-cpu-0-30-1"]
+    key = m.pool_key("demo", "cpu")
+    assert [s.name for s in m.desired_servers("demo", placement)] == [f"demo-cpu-{key}-0-30-0", f"demo-cpu-{key}-0-30-1"]
 
 
 # ---- the planner ---------------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from llmswarm_core.spans import Span
 from llmswarm_node.metrics import ServerMetrics
 from llmswarm_operator.assignment import Assignment
-from llmswarm_operator.manifests import routemap_name
+from llmswarm_operator.manifests import routemap_name, server_name
 from tests.helpers import metric_total, serving
 from tests.operator.conftest import Cluster, eventually, operator_settings, settle, start_operator
 from tests.operator.test_operator_emulator import apply_doc, live, owned, route_history, status, wait_phase, wait_servers
@@ -39,9 +40,9 @@ SWARM: dict[str, Any] = {
         "rebalance": {"enabled": True, "intervalSeconds": 10, "minGain": 0.5},
     },
 }
-COLD = {f"{NAME}-cpu-0-15-0", f"{NAME}-cpu-0-15-1"}
-HOT = f"{NAME}-cpu-15-30-0"
-NEW = f"{NAME}-cpu-15-30-1"
+COLD = {server_name(NAME, "cpu", Span(0, 15), 0), server_name(NAME, "cpu", Span(0, 15), 1)}
+HOT = server_name(NAME, "cpu", Span(15, 30), 0)
+NEW = server_name(NAME, "cpu", Span(15, 30), 1)
 
 
 class FakeServers:

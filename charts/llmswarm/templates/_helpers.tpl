@@ -53,10 +53,25 @@ app.kubernetes.io/managed-by: {{ .context.Release.Service }}
 {{- end }}
 
 {{/*
-The image of the chart's pods: repository:tag, the tag defaulting to the chart's appVersion.
+The block servers' image (the CUDA build): repository:tag, the tag defaulting to the chart's appVersion.
 */}}
 {{- define "llmswarm.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The CPU build, for the chart's own pods and the route maps: repository:cpuTag, by default <appVersion>-cpu.
+*/}}
+{{- define "llmswarm.cpuImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-cpu" .Chart.AppVersion) .Values.image.cpuTag) }}
+{{- end }}
+
+{{/*
+"true" when the ServiceMonitor and PodMonitor may be created: the cluster serves the Prometheus Operator's API
+(or metrics.forceMonitors).
+*/}}
+{{- define "llmswarm.monitoringApi" -}}
+{{- if or .Values.metrics.forceMonitors (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -155,4 +170,52 @@ Path of the operator's liveness endpoint.
 {{- with .Values.operator.settings.livenessEndpoint }}
 {{- default "/" (urlParse .).path }}
 {{- end }}
+{{- end }}
+
+{{/*
+NVIDIA_VISIBLE_DEVICES=void for the chart's containers: none asks for a GPU, and the CUDA image's "all" would
+show them every GPU of a node whose default container runtime is NVIDIA's.
+*/}}
+{{- define "llmswarm.noGpuEnv" -}}
+- name: NVIDIA_VISIBLE_DEVICES
+  value: void
+{{- end }}
+
+{{/*
+Namespaces the operator watches, comma separated ("" for every namespace): operator.settings.namespaces, else
+the release namespace unless operator.clusterWide.
+*/}}
+{{- define "llmswarm.watchedNamespaces" -}}
+{{- if .Values.operator.settings.namespaces }}
+{{- join "," .Values.operator.settings.namespaces }}
+{{- else if not .Values.operator.clusterWide }}
+{{- .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Kopf peering object the operator's replicas share: operator.settings.peering, or the full name when
+there is more than one replica ("" for a standalone operator).
+*/}}
+{{- define "llmswarm.peering" -}}
+{{- if .Values.operator.settings.peering }}
+{{- .Values.operator.settings.peering }}
+{{- else if gt (int .Values.operator.replicaCount) 1 }}
+{{- include "llmswarm.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Metadata of the uninstall hook's objects: pre-delete, replaced on the next uninstall, removed once it succeeded.
+Call with (dict "context" $ "name" NAME "weight" "-10").
+*/}}
+{{- define "llmswarm.uninstallHookMetadata" -}}
+name: {{ .name }}
+namespace: {{ .context.Release.Namespace }}
+labels:
+  {{- include "llmswarm.labels" (dict "context" .context "component" "uninstall") | nindent 2 }}
+annotations:
+  helm.sh/hook: pre-delete
+  helm.sh/hook-weight: {{ .weight | quote }}
+  helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 {{- end }}
