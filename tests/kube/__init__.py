@@ -1,0 +1,1 @@
+"""A node for the Kubernetes API emulator: the operator's pods run for real (see README.md)."""
