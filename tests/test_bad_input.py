@@ -13,8 +13,12 @@ from websockets.sync.client import connect
 
 from llmswarm_core import wire
 from tests.conftest import chat_ids
+from tests.reference import LocalSpan
 
 pytestmark = pytest.mark.integration
+
+# The same float32 ops on the same weights as transformers (tests/test_push.py measured them bit-identical).
+EXACT = dict(rtol=1e-5, atol=1e-5)
 
 
 def first_server(swarm):
@@ -57,7 +61,7 @@ def test_bad_session_requests(swarm3, model3, local_smollm2):
 
     with ws(server) as socket, ws(server) as other:
         session = open_session(socket)
-        good = {"hidden": torch.zeros(1, 2, hidden_size)}
+        good = {"hidden": torch.randn(1, 2, hidden_size)}
         expect_error(call(socket, {"kind": "step", "session": session}, {"hidden": torch.zeros(1, 2, hidden_size, dtype=torch.int64)}),
                      "bad_request", "'hidden' must be float32")
         expect_error(call(socket, {"kind": "step", "session": session}, {"hidden": torch.zeros(1, 2, hidden_size - 1)}),
@@ -83,9 +87,15 @@ def test_bad_session_requests(swarm3, model3, local_smollm2):
         expect_error(call(socket, {"kind": "launch"}), "bad_request", "unexpected message kind")
         socket.send("text, not binary")
         expect_error(wire.decode(socket.recv(timeout=30)), "bad_request", "binary")
-        # After all of that, the session still works and closes cleanly.
+        # After all of that, the session is as it was (nothing of the refused requests in its cache): its steps give
+        # what transformers gives for the same blocks from position 0, and it closes cleanly.
+        reference = LocalSpan(local_smollm2, 0, 10)
         reply = call(socket, {"kind": "step", "session": session}, good)
         assert reply.kind == "output" and reply.tensors["hidden"].shape == (1, 2, hidden_size)
+        torch.testing.assert_close(reply.tensors["hidden"], reference.step(good["hidden"]), **EXACT)
+        following = torch.randn(1, 1, hidden_size)
+        reply = call(socket, {"kind": "step", "session": session}, {"hidden": following})
+        torch.testing.assert_close(reply.tensors["hidden"], reference.step(following), **EXACT)
         assert call(socket, {"kind": "close", "session": session}).kind == "closed"
         expect_error(call(socket, {"kind": "step", "session": session}, good), "not_found", "no session")
 
@@ -93,7 +103,7 @@ def test_bad_session_requests(swarm3, model3, local_smollm2):
     assert result["out"].tolist() == expected.tolist()
 
 
-def test_bad_forward_requests(swarm3):
+def test_bad_forward_requests(swarm3, local_smollm2):
     server = first_server(swarm3)
     url = f"{server.url}/v1/forward"
     response = requests.post(url, data=b"garbage", timeout=30)
@@ -105,9 +115,12 @@ def test_bad_forward_requests(swarm3):
     body = wire.encode({"kind": "forward", "start": 0, "end": 10}, {"hidden": torch.zeros(1, 3, 576),
                                                                    "attention_mask": torch.ones(1, 2, dtype=torch.int64)})
     assert requests.post(url, data=body, timeout=30).status_code == 400
-    body = wire.encode({"kind": "forward", "start": 0, "end": 10}, {"hidden": torch.zeros(1, 3, 576)})
+    hidden = torch.randn(1, 3, 576)
+    body = wire.encode({"kind": "forward", "start": 0, "end": 10}, {"hidden": hidden})
     response = requests.post(url, data=body, timeout=30)
     assert response.status_code == 200 and wire.decode(response.content).tensors["hidden"].shape == (1, 3, 576)
+    torch.testing.assert_close(wire.decode(response.content).tensors["hidden"],
+                               LocalSpan(local_smollm2, 0, 10).forward(hidden), **EXACT)
 
 
 def test_probes_info_and_metrics(swarm3):

@@ -1,11 +1,13 @@
-"""Hypothesis against a live block server: it never crashes, its memory stays bounded,
-and a healthy session running alongside finishes with the right output."""
+"""Hypothesis against a live block server: it never crashes, its memory stays bounded, every input gets its
+reply (an error frame for a malformed one) on a connection that stays open, and a healthy session running
+alongside finishes with the right output."""
 
 from __future__ import annotations
 
 import json
 import struct
 import threading
+from collections import Counter
 
 import psutil
 import pytest
@@ -13,6 +15,7 @@ import requests
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from llmswarm_core import wire
@@ -48,18 +51,33 @@ frames = st.one_of(
 
 
 class Connection:
-    def __init__(self, url: str) -> None:
-        self.url = url.replace("http://", "ws://") + "/v1/session"
+    """One session connection; an input that gets no reply (the connection dropped, or nothing came in time) is
+    counted with the input, and the next one goes on a new connection, so that the test reports every such input."""
+
+    def __init__(self, url: str, path: str = "/v1/session") -> None:
+        self.url = url.replace("http://", "ws://") + path
         self.socket = connect(self.url, compression=None, max_size=None)
+        self.outcomes: Counter[str] = Counter()
+        self.unanswered: list[tuple[str, bytes | str]] = []
 
     def exchange(self, data: bytes | str) -> wire.Frame | None:
         try:
             self.socket.send(data)
-            reply = self.socket.recv(timeout=30)
-        except Exception:  # noqa: BLE001 - the server may close a connection; it must not die
-            self.socket = connect(self.url, compression=None, max_size=None)
-            return None
-        return wire.decode(reply)
+            reply = self.socket.recv(timeout=60)
+        except TimeoutError:
+            return self._unanswered("timeout", data)
+        except ConnectionClosed:
+            return self._unanswered("dropped", data)
+        frame = wire.decode(reply)
+        self.outcomes[frame.kind if frame.kind != "error" else f"error:{frame.header['code']}"] += 1
+        return frame
+
+    def _unanswered(self, what: str, data: bytes | str) -> None:
+        self.outcomes[what] += 1
+        self.unanswered.append((what, data[:200]))
+        self.socket.close()
+        self.socket = connect(self.url, compression=None, max_size=None)
+        return None
 
 
 def test_fuzzing_a_live_server(swarm3, model3, local_smollm2):
@@ -80,7 +98,8 @@ def test_fuzzing_a_live_server(swarm3, model3, local_smollm2):
     healthy = threading.Thread(target=lambda: result.update(out=model3.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)))
     healthy.start()
-    kinds_seen: set[str] = set()
+    examples = [0]
+    answered_before = sum(connection.outcomes.values())  # the open above
 
     @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.one_of(
@@ -96,9 +115,9 @@ def test_fuzzing_a_live_server(swarm3, model3, local_smollm2):
     @example(wire.encode({"kind": "open", "start": 0, "end": 10, "max_length": 8}))
     @example(wire.encode({"kind": "open", "start": 3, "end": 6, "max_length": 282}))
     def fuzz(data):
+        examples[0] += 1
         reply = connection.exchange(data)
         if reply is not None:
-            kinds_seen.add(reply.kind)
             assert reply.kind in ("opened", "output", "closed", "error")
             if reply.kind == "error":
                 assert reply.header["code"] in ("bad_request", "not_found", "too_large", "overloaded")
@@ -112,7 +131,36 @@ def test_fuzzing_a_live_server(swarm3, model3, local_smollm2):
         healthy.join()
         connection.socket.close()  # frees the sessions the fuzzer opened, whatever happened
     assert result["out"].tolist() == expected.tolist()
-    assert {"error", "opened"} <= kinds_seen
+    outcomes = connection.outcomes
+    assert not connection.unanswered, f"inputs without a reply (outcomes {dict(outcomes)}): {connection.unanswered}"
+    assert sum(outcomes.values()) - answered_before == examples[0], outcomes  # every input, its reply
+    assert outcomes["opened"] and outcomes["error:bad_request"], outcomes
     assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
     assert process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     assert growth_mib < 300, f"server memory grew by {growth_mib:.0f} MiB"
+
+
+def test_fuzzing_the_push_socket(swarm3):
+    """Whatever arrives on /v1/push from someone who holds no push key gets a refusal frame on the same connection."""
+    server = next(s for s in swarm3.routes().servers if s.start == 10)
+    connection = Connection(server.url, "/v1/push")
+    examples = [0]
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(frames, st.text(max_size=50), st.builds(
+        lambda s, k, p: wire.encode({"kind": "push", "session": s, "key": k, "request_id": 1, "position": p},
+                                    {"hidden": torch.zeros(1, 1, 576)}),
+        st.integers(0, 50), st.text(min_size=16, max_size=64), st.integers(0, 5))))
+    def fuzz(data):
+        examples[0] += 1
+        reply = connection.exchange(data)
+        if reply is not None:
+            assert reply.kind == "error" and reply.header["code"] in ("bad_request", "not_found", "too_large", "overloaded")
+
+    try:
+        fuzz()
+    finally:
+        connection.socket.close()
+    assert not connection.unanswered, f"inputs without a reply: {connection.unanswered}"
+    assert sum(connection.outcomes.values()) == examples[0], connection.outcomes
+    assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200

@@ -81,11 +81,18 @@ def test_overloaded_reply_carries_retry_after(two_full_servers):
             socket.close()
 
 
-def test_sigterm_drains(two_full_servers):
+def local_greedy(local, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    with torch.no_grad():
+        return local.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0).tolist()
+
+
+def test_sigterm_drains(two_full_servers, local_smollm2):
     model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=two_full_servers.url, progress=False)
     ids = chat_ids(model.tokenizer, "Count from one to ten.")
     with model.inference_session(max_length=ids.shape[1] + 20) as session:
         first = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert first.tolist() == local_greedy(local_smollm2, ids, 4)
         server_id = session.chain[0][0]
         index = int(server_id.removeprefix("local-"))
         two_full_servers.kill(index, signal.SIGTERM)
@@ -96,6 +103,7 @@ def test_sigterm_drains(two_full_servers):
         # The open session keeps working on the draining server...
         more = model.generate(first, max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert more.shape[1] > first.shape[1]
+        assert more.tolist() == local_greedy(local_smollm2, first, 8)  # the session's cache went on intact
         assert session.chain[0][0] == server_id
         # ...while new sessions go elsewhere (once the client's copy of the map is refreshed).
         model.client.routes(refresh=True)

@@ -71,3 +71,20 @@ def test_vanished_client_frees_its_sessions(swarm3):
         time.sleep(0.2)
     if before == 0:
         assert requests.get(f"{server.url}/info", timeout=10).json()["cache_bytes_used"] == 0
+
+
+def test_one_client_holds_only_so_many_sessions_per_connection_and_per_address():
+    sessions = table(max_sessions_per_connection=2, max_sessions_per_address=3)
+    first = sessions.open(1, 0, 1, 1, 8, "float32", None, address="10.0.0.1")
+    sessions.open(1, 0, 1, 1, 8, "float32", None, address="10.0.0.1")
+    with pytest.raises(ProtocolError, match="per connection") as caught:
+        sessions.open(1, 0, 1, 1, 8, "float32", None, address="10.0.0.1")
+    assert caught.value.code == "overloaded" and caught.value.retry_after
+    sessions.open(2, 0, 1, 1, 8, "float32", None, address="10.0.0.1")
+    with pytest.raises(ProtocolError, match="per address") as caught:
+        sessions.open(3, 0, 1, 1, 8, "float32", None, address="10.0.0.1")
+    assert caught.value.code == "overloaded"
+    sessions.open(3, 0, 1, 1, 8, "float32", None, address="10.0.0.2")  # another client
+    assert sessions.held_by(1) == 2
+    sessions.close(1, first.id)
+    sessions.open(3, 0, 1, 1, 8, "float32", None, address="10.0.0.1")  # room again for that address

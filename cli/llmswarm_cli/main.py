@@ -85,24 +85,54 @@ def cmd_gateway_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    from llmswarm.config import ClientConfig
-    from llmswarm.sequence_manager import SwarmClient
-    from llmswarm_core.security import token_from_env
-
-    routes = SwarmClient(args.swarm, ClientConfig(token=token_from_env(args.token), tls_ca=args.tls_ca)).routes()
+    routes = _swarm_client(args).routes()
     model = routes.model
     print(f"model: {model.name if model else '-'}  blocks: {model.num_blocks if model else '-'}  "
           f"version: {routes.version}")
     rows = [("ID", "URL", "SPAN", "STATE", "TOKENS/S")]
     rows += [(s.id, s.url, f"{s.start}:{s.end}", s.state, f"{s.throughput:.1f}") for s in routes.servers]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(rows)
     coverage = routes.coverage()
     if coverage:
         uncovered = [b for b, c in enumerate(coverage) if c == 0]
         print(f"min servers per block: {min(coverage)}" + (f"; uncovered blocks: {uncovered}" if uncovered else ""))
     return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _swarm_client(args: argparse.Namespace) -> Any:
+    from llmswarm.config import ClientConfig
+    from llmswarm.sequence_manager import SwarmClient
+    from llmswarm_core.security import token_from_env
+
+    return SwarmClient(args.swarm, ClientConfig(token=token_from_env(args.token), tls_ca=args.tls_ca))
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from llmswarm.errors import SwarmError
+    from llmswarm.lora import LoraConfigError
+    from llmswarm.publish import adapter_dir_body, publish, published
+
+    client = _swarm_client(args)
+    try:
+        if args.action == "push":
+            entry = publish(client, args.name, adapter_dir_body(args.dir, args.base_model), args.replace, args.publisher)
+            print(f"published {entry['name']}: {entry['size']} bytes, r={entry['r']}, targets "
+                  f"{','.join(entry['target_modules'])}, base model {entry['base_model']}")
+            return 0
+        rows = [("NAME", "PUBLISHER", "SIZE", "BASE MODEL", "R", "TARGETS")]
+        rows += [(a["name"], a["publisher"], str(a["size"]), a["base_model"], str(a["r"]), ",".join(a["target_modules"]))
+                 for a in published(client)]
+        _print_table(rows)
+        return 0
+    except (SwarmError, LoraConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -241,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("--token", help="swarm token (default: $LLMSWARM_TOKEN)")
     routes.add_argument("--tls-ca", help="CA bundle (PEM) to verify https servers")
     routes.set_defaults(func=cmd_routes)
+
+    adapters = sub.add_parser("adapters", help="publish a LoRA adapter to the swarm, or list the published ones")
+    actions = adapters.add_subparsers(dest="action", required=True)
+    push = actions.add_parser("push", help="publish a PEFT adapter directory under a name")
+    push.add_argument("dir", help="PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
+    push.add_argument("--name", required=True, help="the name clients select it by (active_adapter=NAME)")
+    push.add_argument("--replace", action="store_true", help="replace an adapter of that name you published before")
+    push.add_argument("--publisher", help="who publishes it, as the list shows (default: your user name)")
+    push.add_argument("--base-model", help="the swarm's model name, where the adapter's config names another")
+    listing = actions.add_parser("list", help="the published adapters as a table")
+    for command in (push, listing):
+        command.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")
+        command.add_argument("--token", help="swarm token (default: $LLMSWARM_TOKEN)")
+        command.add_argument("--tls-ca", help="CA bundle (PEM) to verify https servers")
+        command.set_defaults(func=cmd_adapters)
     return parser
 
 

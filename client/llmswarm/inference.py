@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from llmswarm.errors import SwarmError
+from llmswarm.lora import SessionLora
 from llmswarm.sequence_manager import SwarmClient
 from llmswarm.span_chain import SpanChain
 from llmswarm.span_session import SpanSession
@@ -43,15 +44,16 @@ class InferenceSession:
     """
 
     def __init__(self, client: SwarmClient, num_blocks: int, max_length: int, batch_size: int = 1,
-                 adapter: str | None = None) -> None:
+                 adapter: str | None = None, lora: SessionLora | None = None) -> None:
         self.client = client
         self.adapter = adapter
+        self.lora = lora  # the client's own LoRA weights: each server gets its blocks' with the session's open
         self.num_blocks = num_blocks
         self.max_length = max_length
         self.batch_size = batch_size
         self.position = 0
         self._closed = False
-        self._chain = SpanChain(client, num_blocks, max_length, batch_size, adapter)
+        self._chain = SpanChain(client, num_blocks, max_length, batch_size, adapter, lora)
 
     @property
     def chain(self) -> list[tuple[str, int, int]]:

@@ -9,6 +9,7 @@ penalty, stop strings, streamers, padded batches). The attention cache it carrie
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from llmswarm.coalesce import Coalescer, stacked, trailing_shape
 from llmswarm.config import ClientConfig
 from llmswarm.errors import SwarmError
 from llmswarm.inference import InferenceSession, SessionStep, step_together
+from llmswarm.lora import LoraWeights, read_config, read_weights
+from llmswarm.publish import publish, upload_body
 from llmswarm.sequence_manager import SwarmClient
 from llmswarm.stateless import RemoteSequential
 from llmswarm_core.arch import architecture_of
@@ -79,7 +82,19 @@ def _client_part(source: ModelDir, dtype: torch.dtype) -> PreTrainedModel:
     return local.eval().requires_grad_(False)
 
 
-TUNING_MODES = ("ptune", "deep_ptune")
+TUNING_MODES = ("ptune", "deep_ptune", "lora")
+PROMPT_MODES = ("ptune", "deep_ptune")
+
+
+def _check_tuning(tuning_mode: str | None, pre_seq_len: int, adapter: str | None, lora_config: Any) -> None:
+    if tuning_mode is not None and tuning_mode not in TUNING_MODES:
+        raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, not {tuning_mode!r}")
+    if tuning_mode in PROMPT_MODES and pre_seq_len < 1:
+        raise ValueError(f"tuning_mode={tuning_mode!r} needs pre_seq_len >= 1")
+    if (tuning_mode == "lora") != (lora_config is not None):
+        raise ValueError('tuning_mode="lora" goes with lora_config=peft.LoraConfig(...) (or adapter=DIR), and only it')
+    if tuning_mode == "lora" and adapter is not None:
+        raise ValueError(f"the client's own LoRA weights and the servers' adapter {adapter!r} cannot be combined")
 
 
 STEP_WAIT = 0.04  # seconds the first of several generating threads waits for the others' steps (briefer while
@@ -87,18 +102,22 @@ STEP_WAIT = 0.04  # seconds the first of several generating threads waits for th
 
 
 class _DistributedModel(PreTrainedModel):
-    """What every swarm-backed model holds locally: embeddings, final norm, optional trainable prompts."""
+    """What every swarm-backed model holds locally: embeddings, final norm, optional trainable prompts or LoRA."""
 
     def __init__(self, config: PretrainedConfig, local: PreTrainedModel, client: SwarmClient, tokenizer: Any = None,
-                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None) -> None:
+                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None,
+                 lora_config: Any = None) -> None:
         super().__init__(config)
-        if tuning_mode is not None and (tuning_mode not in TUNING_MODES or pre_seq_len < 1):
-            raise ValueError(f"tuning_mode must be one of {TUNING_MODES} with pre_seq_len >= 1")
+        _check_tuning(tuning_mode, pre_seq_len, adapter, lora_config)
         self.local = local
         self.arch = architecture_of(config)
         self.client = client
-        self.remote = RemoteSequential(client, config.num_hidden_layers, adapter)
+        # Client-owned LoRA weights (tuning_mode="lora"): sent with every request, trained here (lora.py).
+        self.lora = LoraWeights(config, self.arch, lora_config, local.dtype) if tuning_mode == "lora" else None
+        self.remote = RemoteSequential(client, config.num_hidden_layers, adapter,
+                                       None if self.lora is None else self.lora.spec)
         self.adapter = adapter
+        self.source_name: str | None = None  # the model's name where it came from (from_pretrained's source)
         self.tokenizer = tokenizer
         self.generation_config = local.generation_config
         self._local_state = threading.local()  # the active session is per thread: one model serves many users
@@ -107,9 +126,9 @@ class _DistributedModel(PreTrainedModel):
         self.embed_norm: nn.Module = getattr(base, self.arch.embed_norm) if self.arch.embed_norm else nn.Identity()
         self.final_norm: nn.Module = getattr(base, self.arch.final_norm)
         self.tuning_mode = tuning_mode
-        self.pre_seq_len = pre_seq_len if tuning_mode else 0
+        self.pre_seq_len = pre_seq_len if tuning_mode in PROMPT_MODES else 0
         hidden = int(config.hidden_size)
-        if tuning_mode is not None:
+        if tuning_mode in PROMPT_MODES:
             # Trainable prompts live on the client, as in Petals: shallow ones are prepended to the
             # input embeddings; deep ones (one per block) are added by each server to its input.
             self.prompt_embeddings = nn.Embedding(pre_seq_len, hidden, dtype=local.dtype)
@@ -133,6 +152,8 @@ class _DistributedModel(PreTrainedModel):
         pre_seq_len: int = 0,
         active_adapter: str | None = None,
         device: str | torch.device | None = None,
+        lora_config: Any = None,
+        adapter: str | os.PathLike[str] | None = None,
         **model_kwargs: Any,
     ) -> Any:
         """Load the local part of `spec` and connect to the swarm's route map at `swarm`.
@@ -140,11 +161,19 @@ class _DistributedModel(PreTrainedModel):
         `wire_dtype` ("float32", "float16", "bfloat16"; default: `client_config`'s) is how hidden states
         travel. `token` is the swarm token (default: $LLMSWARM_TOKEN); `tls_ca` a CA bundle to verify
         https servers with. `tuning_mode` ("ptune" or "deep_ptune") with `pre_seq_len` adds
-        trainable prompts; `active_adapter` selects a LoRA adapter the servers host. `device`
+        trainable prompts; `tuning_mode="lora"` with `lora_config` (a peft.LoraConfig) adds trainable LoRA
+        weights that the client owns (PEFT's initialization), and `adapter` (a PEFT adapter directory, as
+        save_pretrained writes it) starts them from saved ones; `active_adapter` selects a LoRA adapter
+        the servers host. `device`
         puts the local parts (embeddings, final norm, LM head, prompts) there, e.g. "cuda"
         (``model.to(device)`` does the same); hidden states cross to the CPU only for the wire.
         """
         source = resolve(spec, progress=progress)
+        if adapter is not None:
+            if lora_config is not None or tuning_mode not in (None, "lora"):
+                raise ValueError("adapter= resumes LoRA training from a saved adapter: give no lora_config or other "
+                                 "tuning_mode with it")
+            tuning_mode, lora_config = "lora", read_config(adapter)
         config = client_config or ClientConfig()
         config = dataclasses.replace(config, wire_dtype=wire_dtype or config.wire_dtype,
                                      token=token_from_env(token or config.token), tls_ca=tls_ca or config.tls_ca)
@@ -164,7 +193,10 @@ class _DistributedModel(PreTrainedModel):
         except (OSError, ValueError, TypeError):  # a model directory without a tokenizer (tests' tiny models)
             tokenizer = None
         model = cls(source.config, local, client, tokenizer=tokenizer, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len,
-                    adapter=active_adapter, **model_kwargs)
+                    adapter=active_adapter, lora_config=lora_config, **model_kwargs)
+        model.source_name = source.name
+        if adapter is not None and model.lora is not None:
+            model.lora.load_peft_state_dict(read_weights(adapter, model.lora.block_path))
         if device is not None:
             model.to(device)
         return model.eval()
@@ -172,9 +204,30 @@ class _DistributedModel(PreTrainedModel):
     def embed_inputs(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.embed(input_ids)
 
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:  # type: ignore[override]
+        """With tuning_mode="lora": a standard PEFT adapter directory of the client's LoRA weights."""
+        if self.lora is None:
+            super().save_pretrained(save_directory, **kwargs)
+            return
+        self.lora.save(save_directory, base_model=self.source_name or self.config.name_or_path)
+
+    def publish_adapter(self, name: str, replace: bool = False, publisher: str | None = None) -> dict[str, Any]:
+        """Publish the client's LoRA weights to the swarm's route map as adapter `name` (publish.py): any client
+        then uses it with ``from_pretrained(..., active_adapter=name)``. Returns the route map's entry for it."""
+        if self.lora is None:
+            raise ValueError('the model has no LoRA weights to publish (tuning_mode="lora")')
+        body = upload_body(self.lora.peft_state_dict(), self.lora.spec, self.source_name or self.config.name_or_path)
+        return publish(self.client, name, body, replace, publisher)
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The client's LoRA weights under PEFT's key names (for ``peft.set_peft_model_state_dict``)."""
+        if self.lora is None:
+            raise ValueError('the model has no LoRA weights (tuning_mode="lora")')
+        return self.lora.peft_state_dict()
+
     def prompts(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Shallow prompts [batch, prefix, hidden] and deep prompts [blocks, batch, prefix, hidden] (or None)."""
-        if self.tuning_mode is None:
+        if not self.pre_seq_len:
             return None, None
         shallow = self.prompt_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)
         if self.tuning_mode != "deep_ptune":
@@ -216,8 +269,10 @@ class _DistributedModel(PreTrainedModel):
             else:
                 output = self._session_step(session, hidden, attention_mask, position_ids).to(device)
             return output[:, prefix:] if prefix and first_step else output
-        if torch.is_grad_enabled() or deep is not None:
-            output = remote_blocks(self.remote, hidden, attention_mask, position_ids, None if deep is None else deep.cpu())
+        lora = None if self.lora is None else self.lora.packed().cpu()
+        if torch.is_grad_enabled() or deep is not None or lora is not None:
+            output = remote_blocks(self.remote, hidden, attention_mask, position_ids, None if deep is None else deep.cpu(),
+                                   lora)
         else:
             output = self.remote.forward(hidden, attention_mask, position_ids)
         output = output.to(device)
@@ -234,8 +289,9 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
     _supports_cache_class = True
 
     def __init__(self, config: PretrainedConfig, local: PreTrainedModel, client: SwarmClient, tokenizer: Any = None,
-                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None) -> None:
-        super().__init__(config, local, client, tokenizer, tuning_mode, pre_seq_len, adapter)
+                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None,
+                 lora_config: Any = None) -> None:
+        super().__init__(config, local, client, tokenizer, tuning_mode, pre_seq_len, adapter, lora_config)
         self.lm_head: nn.Module = local.lm_head
         self._head = Coalescer(stacked(lambda hidden: self.lm_head(self.final_norm(hidden))), trailing_shape)
         # Steps of this process's sessions go through the swarm together (see coalesce.py).
@@ -253,7 +309,7 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
         """Open server-side caches for up to `max_length` tokens; generate() inside uses them."""
         session = InferenceSession(self.client, self.config.num_hidden_layers, max_length + self.pre_seq_len, batch_size,
-                                   adapter=self.adapter)
+                                   adapter=self.adapter, lora=None if self.lora is None else self.lora.for_session())
         outer = self.active_session
         self._local_state.session = session
         try:
@@ -354,8 +410,9 @@ class DistributedModelForSequenceClassification(_DistributedModel):
     """
 
     def __init__(self, config: PretrainedConfig, local: PreTrainedModel, client: SwarmClient, tokenizer: Any = None,
-                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None, num_labels: int = 2) -> None:
-        super().__init__(config, local, client, tokenizer, tuning_mode, pre_seq_len, adapter)
+                 tuning_mode: str | None = None, pre_seq_len: int = 0, adapter: str | None = None, num_labels: int = 2,
+                 lora_config: Any = None) -> None:
+        super().__init__(config, local, client, tokenizer, tuning_mode, pre_seq_len, adapter, lora_config)
         self.num_labels = num_labels
         self.score = nn.Linear(int(config.hidden_size), num_labels, bias=False, dtype=local.dtype)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llmswarm.errors import TRANSPORT_ERRORS, SwarmError
+from llmswarm.lora import SessionLora
 from llmswarm.routing import NoRoute
 from llmswarm.sequence_manager import SwarmClient
 from llmswarm.span_session import SpanSession
@@ -33,12 +34,13 @@ class SpanChain:
     """Span sessions covering blocks [0, num_blocks) for one inference session."""
 
     def __init__(self, client: SwarmClient, num_blocks: int, max_length: int, batch_size: int = 1,
-                 adapter: str | None = None) -> None:
+                 adapter: str | None = None, lora: SessionLora | None = None) -> None:
         self.client = client
         self.num_blocks = num_blocks
         self.max_length = max_length
         self.batch_size = batch_size
         self.adapter = adapter
+        self.lora = lora
         self.masks: list[torch.Tensor | None] = []  # the attention mask of each finished step
         self.prompts: torch.Tensor | None = None  # deep prompts [blocks, batch, prefix, hidden] of the first step
         self._spans = self.open_spans(0, num_blocks)
@@ -100,7 +102,7 @@ class SpanChain:
             try:
                 for hop in client.chain(start, end, exclude):
                     try:
-                        opened.append(SpanSession(client, hop, self.max_length, self.batch_size, self.adapter))
+                        opened.append(SpanSession(client, hop, self.max_length, self.batch_size, self.adapter, self.lora))
                     except ProtocolError as error:
                         if not error.retryable:
                             raise SwarmError(f"server {hop.server.id} refused blocks [{hop.start}, {hop.end}): {error}") from error

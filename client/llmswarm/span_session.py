@@ -13,10 +13,12 @@ import torch
 from websockets.exceptions import InvalidStatus
 
 from llmswarm.errors import SERVER_FAILURES, SwarmError
+from llmswarm.lora import SessionLora
 from llmswarm.routing import Hop
 from llmswarm.sequence_manager import SwarmClient
 from llmswarm.transport import Connection
 from llmswarm_core import wire
+from llmswarm_core.lora import LORA_TENSOR
 from llmswarm_core.wire import DTYPES, ProtocolError
 
 ReplyT = TypeVar("ReplyT", wire.OpenedReply, wire.OutputReply, wire.ClosedReply)
@@ -26,7 +28,9 @@ SessionRequest = wire.OpenRequest | wire.StepRequest | wire.CloseRequest
 class SpanSession:
     """One server's inference session over blocks [start, end) of the chain."""
 
-    def __init__(self, client: SwarmClient, hop: Hop, max_length: int, batch_size: int, adapter: str | None = None) -> None:
+    def __init__(self, client: SwarmClient, hop: Hop, max_length: int, batch_size: int, adapter: str | None = None,
+                 lora: SessionLora | None = None) -> None:
+        """Open the session; `lora` (the client's own LoRA weights) goes with the open, this span's blocks' rows."""
         self.client = client
         self.hop = hop
         self.server_id = hop.server.id
@@ -49,7 +53,8 @@ class SpanSession:
             request_id = self.reserve_request()
             self._send(wire.OpenRequest(kind="open", start=self.start, end=self.end, max_length=max_length,
                                         batch_size=batch_size, wire_dtype=config.wire_dtype, adapter=adapter,
-                                        request_id=request_id))
+                                        lora=None if lora is None else lora.spec, request_id=request_id),
+                       None if lora is None else {LORA_TENSOR: lora.blocks(self.start, self.end)})
             opened, _ = self._receive(request_id, wire.OpenedReply)
         except BaseException:
             self.socket.close()

@@ -45,6 +45,17 @@ def check_leave(header: str, server_id: str, public_key: str, now: float) -> Non
     verify(public_key, {"leave": server_id, "at": int(at_text)}, signature)
 
 
+async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """A body read to its end, or None as soon as it has more than `limit` bytes."""
+    chunks, total = [], 0
+    async for chunk in stream.iter_chunked(1 << 20):
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -104,6 +115,27 @@ class RouteMapClient:
                 if response.status >= 400:
                     raise RouteMapError(f"the route map refused the announcement: {response.status} {await response.text()}",
                                         response.status)
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            raise RouteMapError(f"cannot reach the route map at {self.url}: {error}") from error
+
+    async def adapter_blocks(self, name: str, start: int, end: int, max_bytes: int,
+                             etag: str | None = None) -> tuple[bytes | None, str | None]:
+        """``GET /v1/adapters/{name}/blocks/{start}-{end}``: (the wire frame, its ETag), or (None, etag) when it is
+        unchanged since `etag`; RouteMapError otherwise (status 404: no such adapter is published; 413: more than
+        `max_bytes`)."""
+        headers = {"If-None-Match": etag} if etag else None
+        try:
+            async with self._http.get(f"{self.url}/v1/adapters/{name}/blocks/{start}-{end}", headers=headers) as response:
+                if response.status == 304:
+                    return None, etag
+                if response.status >= 400:
+                    raise RouteMapError(f"the route map answered {response.status}: {(await response.text())[:500]}",
+                                        response.status)
+                body = await read_limited(response.content, max_bytes)
+                if body is None:
+                    raise RouteMapError(f"adapter {name!r} has more than {max_bytes} bytes for blocks [{start}, {end})",
+                                        413)
+                return body, response.headers.get("ETag")
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             raise RouteMapError(f"cannot reach the route map at {self.url}: {error}") from error
 

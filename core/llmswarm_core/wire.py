@@ -11,15 +11,19 @@ tensor is made; tensors are then views over the received buffer (``torch.frombuf
 
 Message kinds (requests -> replies):
 
-* ``open`` {start, end, max_length, batch_size?, wire_dtype?, adapter?} -> ``opened`` {session}
+* ``open`` {start, end, max_length, batch_size?, wire_dtype?, adapter?, lora?} + lora? -> ``opened`` {session}
 * ``step`` {session, push?} + hidden, attention_mask?, position_ids? -> ``output`` {session, pushed?} + hidden
 * ``push`` {session, key, position, request_id, push?} + hidden, attention_mask?, position_ids?: a server
   hands its output to the next server of the client's chain (``/v1/push``); that server answers on
   the client's own session connection, with the client's ``request_id``
 * ``close`` {session} -> ``closed`` {session}
-* ``forward`` {start, end, wire_dtype?, adapter?} + hidden, attention_mask?, position_ids?, prompts? -> ``output`` + hidden
-* ``backward`` {start, end, wire_dtype?, adapter?} + hidden, attention_mask?, position_ids?, prompts?, grad_output
-  -> ``gradients`` + grad_hidden, grad_prompts?
+* ``forward`` {start, end, wire_dtype?, adapter?, lora?} + hidden, attention_mask?, position_ids?, prompts?, lora?
+  -> ``output`` + hidden
+* ``backward`` {start, end, wire_dtype?, adapter?, lora?} + hidden, attention_mask?, position_ids?, prompts?, lora?,
+  grad_output -> ``gradients`` + grad_hidden, grad_prompts?, grad_lora?
+
+``adapter`` names a LoRA adapter that the server hosts; ``lora`` (a :class:`~llmswarm_core.lora.LoraSpec`) with
+the tensor ``lora`` carries the client's own LoRA weights for the request's blocks (lora.py: layout and rules).
 * any request -> ``error`` {code, message, retryable}
 """
 
@@ -33,6 +37,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmswarm_core.lora import LoraSpec
 
 MAGIC = b"LSW1"
 _PREFIX = struct.Struct("<4sI")
@@ -89,7 +95,7 @@ class _Strict(BaseModel):
 
 
 NonNegInt = Annotated[int, Field(ge=0, le=2**31)]
-AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]  # hosted or published
 
 
 class TensorSpec(_Strict):
@@ -106,6 +112,7 @@ class OpenRequest(_Strict):
     batch_size: Annotated[int, Field(ge=1, le=2**31)] = 1
     wire_dtype: WireDtype = "float32"
     adapter: AdapterName | None = None
+    lora: LoraSpec | None = None  # the client's LoRA weights come with the open, in the tensor "lora"
     request_id: NonNegInt | None = None
 
 
@@ -148,6 +155,7 @@ class _Stateless(_Strict):
     end: NonNegInt
     wire_dtype: WireDtype = "float32"
     adapter: AdapterName | None = None
+    lora: LoraSpec | None = None  # the client's LoRA weights for blocks [start, end), in the tensor "lora"
     request_id: NonNegInt | None = None
 
 
@@ -194,7 +202,8 @@ class ClosedReply(_Reply):
 
 
 class GradientsReply(_Reply):
-    """A backward's result (tensors ``grad_hidden`` and, with deep prompts, ``grad_prompts``)."""
+    """A backward's result (tensors ``grad_hidden`` and, with deep prompts, ``grad_prompts``; with a client's
+    LoRA weights, ``grad_lora``)."""
 
     kind: Literal["gradients"] = "gradients"
     request_id: NonNegInt | None = None

@@ -93,16 +93,24 @@ def is_small(step: PendingStep, options: BatchOptions) -> bool:
     return step.new_tokens <= options.prefill_chunk
 
 
-def next_pass(steps: Sequence[StepT], forwards: Sequence[ForwardT], options: BatchOptions) -> Pass[StepT, ForwardT]:
-    """The next round's work, oldest first: inference (decode, then a prefill chunk) before bulk forwards."""
-    decode = decode_group(steps, options)
+def next_pass(steps: Sequence[StepT], forwards: Sequence[ForwardT], options: BatchOptions,
+              step_fits: Callable[[Sequence[StepT]], bool] | None = None,
+              forward_fits: Callable[[Sequence[ForwardT]], bool] | None = None) -> Pass[StepT, ForwardT]:
+    """The next round's work, oldest first: inference (decode, then a prefill chunk) before bulk forwards.
+
+    `step_fits` and `forward_fits` say whether a group's pass fits the compute memory budget: a
+    companion that would take a pass past it waits for a pass of its own (the oldest item always runs;
+    the scheduler splits what does not fit alone).
+    """
+    decode = decode_group(steps, options, step_fits)
     chunk = next((s for s in steps if not is_small(s, options)), None)
-    bulk = forward_group(forwards, options) if not decode and chunk is None else []
+    bulk = forward_group(forwards, options, forward_fits) if not decode and chunk is None else []
     return Pass(decode, chunk, bulk)
 
 
-def decode_group(steps: Sequence[StepT], options: BatchOptions) -> list[StepT]:
-    """The oldest small step and the small steps that can share its pass, within the row and token limits."""
+def decode_group(steps: Sequence[StepT], options: BatchOptions,
+                 fits: Callable[[Sequence[StepT]], bool] | None = None) -> list[StepT]:
+    """The oldest small step and the small steps that can share its pass, within the row, token and memory limits."""
     small = [s for s in steps if is_small(s, options)]
     if not small:
         return []
@@ -114,7 +122,7 @@ def decode_group(steps: Sequence[StepT], options: BatchOptions) -> list[StepT]:
             continue
         b, t = step.rows, step.new_tokens
         if group and (rows + b > options.max_batch_rows or tokens + b * t > options.max_batch_tokens
-                      or not step.batchable):
+                      or not step.batchable or (fits is not None and not fits([*group, step]))):
             continue
         group.append(step)
         rows, tokens = rows + b, tokens + b * t
@@ -123,8 +131,9 @@ def decode_group(steps: Sequence[StepT], options: BatchOptions) -> list[StepT]:
     return group
 
 
-def forward_group(forwards: Sequence[ForwardT], options: BatchOptions) -> list[ForwardT]:
-    """The oldest forward and the forwards that can be stacked with it, within the token limit."""
+def forward_group(forwards: Sequence[ForwardT], options: BatchOptions,
+                  fits: Callable[[Sequence[ForwardT]], bool] | None = None) -> list[ForwardT]:
+    """The oldest forward and the forwards that can be stacked with it, within the token and memory limits."""
     if not forwards:
         return []
     key = forwards[0].key
@@ -132,7 +141,8 @@ def forward_group(forwards: Sequence[ForwardT], options: BatchOptions) -> list[F
     tokens = 0
     for work in forwards:
         size = work.rows * work.new_tokens
-        if work.key == key and (not group or tokens + size <= options.max_batch_tokens):
+        if work.key == key and (not group or (tokens + size <= options.max_batch_tokens
+                                              and (fits is None or fits([*group, work])))):
             group.append(work)
             tokens += size
     return group

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from llmswarm_node.lora import ClientLora, rows_of
 from llmswarm_node.span import SpanRunner
 
 
@@ -47,6 +48,7 @@ class StepInput(HiddenRows):
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     prompts: torch.Tensor | None = None
+    lora: ClientLora | None = None  # the session's own LoRA weights (lora.py): rows of a pass may each have their own
 
     def full_mask(self) -> torch.Tensor:
         if self.attention_mask is not None:
@@ -69,7 +71,7 @@ def run_steps(span: SpanRunner, start: int, end: int, steps: list[StepInput], ad
     if len(steps) == 1:
         step = steps[0]
         return [span.forward(step.hidden, step.attention_mask, step.position_ids, step.cache, start, end, step.prompts,
-                             adapter=adapter)]
+                             adapter=adapter, lora=rows_of(steps))]
     if any(s.prompts is not None for s in steps):
         raise ValueError("a step with deep prompts runs alone")
     new = steps[0].new_tokens
@@ -100,7 +102,7 @@ def run_steps(span: SpanRunner, start: int, end: int, steps: list[StepInput], ad
         row += s.rows
     positions = torch.cat([s.full_positions() for s in steps])
     hidden = torch.cat([s.hidden.to(span.dtype) for s in steps])
-    output = span.forward(hidden, mask, positions, combined, start, end, adapter=adapter)
+    output = span.forward(hidden, mask, positions, combined, start, end, adapter=adapter, lora=rows_of(steps))
     # Each session's cache becomes a view of its own rows of the combined cache (past and
     # new tokens, without the padding): no copy, and the next update appends to it.
     outputs, row = [], 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from llmswarm_core import wire
 from llmswarm_core.routemap import ModelInfo, ServerRecord, ServerState
 from llmswarm_node.batch_policy import BatchOptions
+from llmswarm_node.lora import LoraLimits, LoraStore
 from llmswarm_node.metrics import ServerMetrics
 from llmswarm_node.scheduler import Scheduler
 from llmswarm_node.sessions import ServerLimits, SessionTable
@@ -25,6 +26,7 @@ class ServerOptions:
     server_id: str | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     batching: BatchOptions = field(default_factory=BatchOptions)
+    lora: LoraLimits = field(default_factory=LoraLimits)  # clients' own LoRA weights
     token: str | None = None  # the swarm token: required on RPCs, sent to the route map
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -47,6 +49,7 @@ class Node:
     url: str = ""
     state: ServerState = "joining"
     throughput: float = 0.0  # inference tokens/s through the whole span, measured at start
+    lora_store: LoraStore = field(default_factory=LoraStore)  # LoRA layouts of the span; weights sessions hold
 
     @property
     def limits(self) -> ServerLimits:

@@ -14,10 +14,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmswarm_core import wire
+from llmswarm_core.lora import GRAD_TENSOR
 from llmswarm_core.wire import DTYPES, ProtocolError
 from llmswarm_node import validation
+from llmswarm_node.admission import InFlight
 from llmswarm_node.context import Node
+from llmswarm_node.lora import ClientLora, published_adapter, request_lora
 from llmswarm_node.replies import error_reply
+from llmswarm_node.session_handlers import FRAME_SLACK
 
 FRAME = "application/octet-stream"
 
@@ -25,6 +29,9 @@ FRAME = "application/octet-stream"
 class HttpHandlers:
     def __init__(self, node: Node) -> None:
         self.node = node
+        limits = node.limits
+        self.in_flight = InFlight(limits.max_queued_requests, limits.max_queued_bytes)
+        self._digesting = asyncio.Lock()  # one weights digest at a time (span.py caches it)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
@@ -70,7 +77,8 @@ class HttpHandlers:
     async def weights_digest(self, request: web.Request) -> web.Response:
         """SHA-256 of the span's weights, to check that training through the swarm leaves them unchanged."""
         span = self.node.span
-        digest = await asyncio.to_thread(span.weights_digest)
+        async with self._digesting:
+            digest = await asyncio.to_thread(span.weights_digest)
         return web.json_response({"sha256": digest, "start": span.start, "end": span.end})
 
     # ---- stateless forward and backward ------------------------------------------------------------------
@@ -87,10 +95,17 @@ class HttpHandlers:
         try:
             if node.state == "joining":
                 raise ProtocolError("overloaded", "the server is still starting", retry_after=1.0)
-            frame = wire.decode(await request.read(), node.wire_limits)
-            req = wire.parse_request(frame, (kind,))
-            inputs = validation.stateless_inputs(node.span, node.limits, req, frame.tensors)
-            reply = await self._run(req, inputs)
+            size = self._declared_size(request)
+            with self.in_flight.holding(size):  # the body, queued and run: within --max-queued-requests/-bytes
+                frame = wire.decode(await self._body(request), node.wire_limits)
+                req = wire.parse_request(frame, (kind,))
+                req, published = await published_adapter(node.lora_store, node.span.loaded, node.span.adapters,
+                                                          node.options.lora, node.options, req)
+                own = request_lora(node.span.loaded, node.options.lora, node.lora_store, req.lora, req.adapter,
+                                   req.start, req.end, frame.tensors)
+                lora = published or own
+                inputs = validation.stateless_inputs(node.span, node.limits, req, frame.tensors)
+                reply = await self._run(req, inputs, lora)
         except Exception as error:  # noqa: BLE001 - answered as an error frame with its HTTP status
             body, failure = error_reply(error, None, kind)
             node.count(kind, failure.code, began)
@@ -100,17 +115,38 @@ class HttpHandlers:
         node.count(kind, "ok", began)
         return web.Response(body=reply, content_type=FRAME)
 
-    async def _run(self, req: wire.ForwardRequest | wire.BackwardRequest, inputs: validation.Inputs) -> bytes:
+    def _declared_size(self, request: web.Request) -> int:
+        """The bytes a request's body will take: as declared, refused at once where over the message limit."""
+        most = self.node.limits.max_message_bytes + FRAME_SLACK
+        declared = request.content_length
+        if declared is not None and declared > most:
+            raise ProtocolError("too_large", f"a body of {declared} bytes, the limit is {most}")
+        return most if declared is None else declared
+
+    async def _body(self, request: web.Request) -> bytes:
+        timeout = self.node.limits.body_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await request.read()
+        except TimeoutError:
+            raise ProtocolError("bad_request", f"the request body did not arrive within {timeout:.0f} s") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise ProtocolError("too_large", "the body is larger than this server's message limit") from None
+
+    async def _run(self, req: wire.ForwardRequest | wire.BackwardRequest, inputs: validation.Inputs,
+                   lora: ClientLora | None) -> bytes:
         out_dtype = DTYPES[req.wire_dtype]
         scheduler = self.node.scheduler
         if inputs.grad_output is not None:
             grad_hidden, grad_prompts = await scheduler.forward(
                 req.start, req.end, inputs.hidden, inputs.attention_mask, inputs.position_ids, inputs.prompts,
-                req.adapter, inputs.grad_output)
+                req.adapter, inputs.grad_output, lora)
             tensors = {"grad_hidden": grad_hidden.to(out_dtype)}
             if grad_prompts is not None:
                 tensors["grad_prompts"] = grad_prompts.to(out_dtype)
+            if lora is not None and lora.grad is not None:
+                tensors[GRAD_TENSOR] = lora.grad.float()  # float32 whatever the wire dtype: it updates weights
             return wire.reply_frame(wire.GradientsReply(request_id=req.request_id), tensors)
         output = await scheduler.forward(req.start, req.end, inputs.hidden, inputs.attention_mask, inputs.position_ids,
-                                         inputs.prompts, req.adapter)
+                                         inputs.prompts, req.adapter, lora=lora)
         return wire.reply_frame(wire.OutputReply(request_id=req.request_id), {"hidden": output.to(out_dtype)})

@@ -13,6 +13,7 @@ import sys
 from llmswarm_core.defaults import DEFAULT_MODEL, FLOAT_DTYPES
 from llmswarm_core.security import TOKEN_ENV, token_from_env
 from llmswarm_node.batch_policy import BatchOptions
+from llmswarm_node.lora import LoraLimits
 from llmswarm_node.sessions import ServerLimits
 
 
@@ -66,6 +67,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes)
     parser.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes)
     parser.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout)
+    add_bound_arguments(parser, defaults)
+    lora = LoraLimits()
+    parser.add_argument("--max-lora-rank", type=int, default=lora.max_rank, help="highest rank of a client's LoRA weights")
+    parser.add_argument("--max-lora-bytes", type=int, default=lora.max_request_bytes,
+                        help="bytes of a client's LoRA weights in one request or session")
+    parser.add_argument("--lora-session-bytes", type=int, default=lora.session_bytes,
+                        help="bytes of LoRA weights that all open sessions may hold together")
+    parser.add_argument("--published-adapter-bytes", type=int, default=lora.published_bytes,
+                        help="bytes of published adapters (fetched from the route map by name) kept for this span")
     batching = BatchOptions()
     parser.add_argument("--max-batch-rows", type=int, default=batching.max_batch_rows,
                         help="rows (sessions x batch) in one batched decode pass")
@@ -82,13 +92,50 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_bound_arguments(parser: argparse.ArgumentParser, defaults: ServerLimits) -> None:
+    """What the server takes at once from all clients and from each (refused past them: ``overloaded`` with
+    Retry-After, or ``too_large`` for what never fits), and how long it waits for a client."""
+    mib = 1024**2
+    parser.add_argument("--compute-memory-bytes", type=int, default=defaults.compute_memory_bytes,
+                        help="memory one pass through the blocks may take beyond weights and caches, estimated before "
+                             "it runs: steps run in smaller chunks, forwards in fewer rows, backwards block by block, "
+                             "batched decode in smaller groups; what does not fit even so is refused as too_large "
+                             f"(default {defaults.compute_memory_bytes // mib} MiB)")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="open connections (HTTP and WebSocket); one more is answered 503 with Retry-After and "
+                             f"closed (default {defaults.max_connections})")
+    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
+                        help="seconds a connection has to send a whole request header, from when it opens or from "
+                             f"its previous reply, before it is closed (default {defaults.header_timeout:g})")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
+                        help=f"seconds a forward's or backward's body may take to arrive (default {defaults.body_timeout:g})")
+    parser.add_argument("--idle-connection-timeout", type=float, default=defaults.idle_connection_timeout,
+                        help="seconds a session or push WebSocket that holds no session (no running push) may stay "
+                             "silent, and a reply may wait for a peer that does not read, before the connection is "
+                             f"closed (default {defaults.idle_connection_timeout:g})")
+    parser.add_argument("--max-sessions-per-connection", type=int, default=defaults.max_sessions_per_connection,
+                        help=f"open sessions of one WebSocket (default {defaults.max_sessions_per_connection})")
+    parser.add_argument("--max-sessions-per-address", type=int, default=defaults.max_sessions_per_address,
+                        help="open sessions of one client address over all its connections "
+                             f"(default {defaults.max_sessions_per_address})")
+    parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,
+                        help="forward/backward requests in flight (being read, queued or running) "
+                             f"(default {defaults.max_queued_requests})")
+    parser.add_argument("--max-queued-bytes", type=int, default=defaults.max_queued_bytes,
+                        help="bytes of the forward/backward requests in flight, as their Content-Length declares "
+                             f"(default {defaults.max_queued_bytes // mib} MiB)")
+    parser.add_argument("--push-timeout", type=float, default=defaults.push_timeout,
+                        help="seconds to connect to the next server and hand it a step; past it the push counts as "
+                             f"failed and the client sends the step on itself (default {defaults.push_timeout:g})")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import torch
 
     from llmswarm_core.source import resolve
     from llmswarm_node.server import BlockServer, ServerOptions, serve
     from llmswarm_node.span import SpanRunner
-    from llmswarm_node.span_loader import load_adapter, load_span
+    from llmswarm_node.span_loader import load_adapter, load_span, release_freed_memory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # The main thread loads the span, measures it and runs lone decode steps inline (the event loop);
@@ -118,6 +165,16 @@ def run_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         kv_cache_bytes=args.kv_cache_bytes,
         session_idle_timeout=args.session_idle_timeout,
+        compute_memory_bytes=args.compute_memory_bytes,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        idle_connection_timeout=args.idle_connection_timeout,
+        max_sessions_per_connection=args.max_sessions_per_connection,
+        max_sessions_per_address=args.max_sessions_per_address,
+        max_queued_requests=args.max_queued_requests,
+        max_queued_bytes=args.max_queued_bytes,
+        push_timeout=args.push_timeout,
     )
     options = ServerOptions(
         model_name=source.name, host=args.host, port=args.port, public_url=args.public_url,
@@ -129,9 +186,12 @@ def run_serve(args: argparse.Namespace) -> int:
         ),
         token=token_from_env(args.token), tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         drain_timeout=args.drain_timeout, push=args.push,
+        lora=LoraLimits(max_rank=args.max_lora_rank, max_request_bytes=args.max_lora_bytes,
+                        session_bytes=args.lora_session_bytes, published_bytes=args.published_adapter_bytes),
     )
     server = BlockServer(span, options)
     throughput = span.measure_throughput()
+    release_freed_memory()  # the warm-up passes' temporaries (nf4 on a CPU: ~50 MiB of dequantized weights)
     server.set_throughput(throughput)
     logging.getLogger("llmswarm.node").info("span [%d, %d): %.1f tokens/s", start, end, throughput)
 

@@ -5,6 +5,11 @@ the thread waits for companions as the policy allows, takes the policy's next pa
 the queues and runs it: a decode group through batching.py, one chunk of a long step, or
 stacked stateless forwards (or a lone backward) through the span. A lone decode step runs
 inline on the event loop's thread instead, where the policy says no companion could join it.
+
+Every pass stays within the compute memory budget (memory.py): work is checked when it is
+queued, and refused (``too_large``) where not even its smallest piece fits; a step then runs
+in pieces that fit, a forward in slices of rows, a backward block by block, and a decode group
+takes only the companions that keep its stacked pass within the budget.
 """
 
 from __future__ import annotations
@@ -17,20 +22,24 @@ from typing import Any
 
 import torch
 
-from llmswarm_node import batch_policy
+from llmswarm_core.wire import ProtocolError
+from llmswarm_node import batch_policy, memory
 from llmswarm_node.batch_policy import BatchOptions
 from llmswarm_node.batching import run_steps
+from llmswarm_node.lora import ClientLora, LoraRows, rows_of
+from llmswarm_node.memory import PassShape
 from llmswarm_node.metrics import ServerMetrics
-from llmswarm_node.sessions import Session
+from llmswarm_node.sessions import ServerLimits, Session
 from llmswarm_node.span import SpanRunner
 from llmswarm_node.work import ForwardWork, StepWork, Work, running_loop
 
 
 class Scheduler:
     def __init__(self, span: SpanRunner, options: BatchOptions, metrics: ServerMetrics,
-                 cycling_sessions: Callable[[float, float], int]) -> None:
+                 cycling_sessions: Callable[[float, float], int], memory_budget: int | None = None) -> None:
         self.span = span
         self.options = options
+        self.budget = ServerLimits().compute_memory_bytes if memory_budget is None else memory_budget
         self.metrics = metrics
         self.cycling_sessions = cycling_sessions  # (now, horizon) -> sessions generating and due
         self._cond = threading.Condition()
@@ -51,7 +60,8 @@ class Scheduler:
     def step(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
              position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None) -> asyncio.Future[torch.Tensor]:
         loop = asyncio.get_running_loop()
-        work = StepWork(loop, loop.create_future(), hidden, attention_mask, position_ids, session=session, prompts=prompts)
+        work = StepWork(loop, loop.create_future(), hidden, attention_mask, position_ids, session=session, prompts=prompts,
+                        piece_tokens=self._piece_tokens(session, hidden))
         with self._cond:
             idle = not (self._busy or self._steps or self._forwards or self._stopping)
             inline = batch_policy.runs_inline(
@@ -72,15 +82,55 @@ class Scheduler:
 
     def forward(self, start: int, end: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None, adapter: str | None = None,
-                grad_output: torch.Tensor | None = None) -> asyncio.Future[Any]:
+                grad_output: torch.Tensor | None = None, lora: ClientLora | None = None) -> asyncio.Future[Any]:
         """A stateless forward, or with `grad_output` a backward (bulk work, after inference)."""
+        rows, tokens, blocks = hidden.shape[0], hidden.shape[1], end - start
+        shape = self.span.block_shape
+        per_block, rows_per_pass = False, rows
+        if grad_output is not None:
+            plan = memory.backward_plan(shape, rows, tokens, blocks, self.budget)
+            if plan is None:
+                self._refuse("a backward", PassShape(rows, tokens, blocks, grad=True, per_block=True))
+            per_block = plan == "per_block"
+        else:
+            rows_per_pass = memory.rows_per_pass(shape, rows, tokens, blocks, self.budget)
+            if rows_per_pass == 0:
+                self._refuse("a forward", PassShape(1, tokens, blocks))
         loop = asyncio.get_running_loop()
         work = ForwardWork(loop, loop.create_future(), hidden, attention_mask, position_ids, start=start, end=end,
-                           prompts=prompts, adapter=adapter, grad_output=grad_output)
+                           prompts=prompts, adapter=adapter, grad_output=grad_output, lora=lora,
+                           rows_per_pass=rows_per_pass, per_block=per_block)
         with self._cond:
             self._forwards.append(work)
             self._cond.notify()
         return work.future
+
+    # ---- the compute memory budget (memory.py) -----------------------------------------------------------
+    def _piece_tokens(self, session: Session, hidden: torch.Tensor) -> int:
+        """The most new tokens of this step per pass within the budget; refused where not one fits."""
+        rows, new, blocks = hidden.shape[0], hidden.shape[1], session.end - session.start
+        piece = memory.largest_chunk(self.span.block_shape, rows, new, session.position, blocks,
+                                     self.options.prefill_chunk, self.budget)
+        if piece == 0:
+            self._refuse("a step", PassShape(rows, 1, blocks, session.position + new - 1))
+        return piece
+
+    def _refuse(self, what: str, smallest: PassShape) -> None:
+        need = memory.pass_bytes(self.span.block_shape, smallest)
+        raise ProtocolError("too_large", f"{what} of {smallest.rows} row(s) x {smallest.new} token(s) through "
+                                         f"{smallest.blocks} blocks needs about {need} bytes of compute memory even "
+                                         f"in its smallest pass; this server's budget is {self.budget}")
+
+    def _decode_fits(self, group: Sequence[StepWork]) -> bool:
+        start, end, new, _ = group[0].key
+        shape = PassShape(sum(s.rows for s in group), new, end - start, max(s.past for s in group),
+                          stacked_cache=len(group) > 1)
+        return memory.fits(self.span.block_shape, shape, self.budget)
+
+    def _forwards_fit(self, group: Sequence[ForwardWork]) -> bool:
+        first = group[0]
+        shape = PassShape(sum(w.rows for w in group), first.new_tokens, first.end - first.start)
+        return memory.fits(self.span.block_shape, shape, self.budget)
 
     def shutdown(self) -> None:
         with self._cond:
@@ -98,7 +148,8 @@ class Scheduler:
                     self._fail_all(RuntimeError("the server is shutting down"))
                     return
                 self._wait_for_companions()
-                plan = batch_policy.next_pass(self._steps, self._forwards, self.options)
+                plan = batch_policy.next_pass(self._steps, self._forwards, self.options, self._decode_fits,
+                                              self._forwards_fit)
                 for step in plan.decode:
                     self._steps.remove(step)
                 for work in plan.forwards:
@@ -151,7 +202,10 @@ class Scheduler:
         start, end, _, adapter = group[0].key
         began = time.perf_counter()
         try:
-            outputs = run_steps(self.span, start, end, inputs, adapter)
+            if len(group) == 1 and group[0].piece_tokens < group[0].new_tokens:
+                outputs = [self._run_pieces(group[0])]  # a step whose pass would not fit the budget whole
+            else:
+                outputs = run_steps(self.span, start, end, inputs, adapter)
         except BaseException as error:  # noqa: BLE001 - handed to every waiting handler
             for step in group:
                 step.resolve(error)
@@ -170,8 +224,17 @@ class Scheduler:
         self._observe("inference", group, rows, tokens, started)
         self.metrics.pass_seconds.labels("inference").observe(elapsed)
 
+    def _run_pieces(self, step: StepWork) -> torch.Tensor:
+        """All of a step, in passes of at most its piece_tokens new tokens."""
+        start, end, _, adapter = step.key
+        while step.done < step.new_tokens:
+            piece = step.chunk(step.piece_tokens)
+            step.pieces.append(run_steps(self.span, start, end, [piece], adapter)[0])
+            step.done += piece.new_tokens
+        return torch.cat(step.pieces, dim=1)
+
     def _run_chunk(self, step: StepWork) -> None:
-        piece = step.chunk(self.options.prefill_chunk)
+        piece = step.chunk(min(self.options.prefill_chunk, step.piece_tokens))
         if step.done == 0:
             self.metrics.queue_wait.labels("inference").observe(time.monotonic() - step.enqueued)
         self.metrics.batch_size.labels("inference").observe(piece.rows)
@@ -204,7 +267,8 @@ class Scheduler:
         if first.grad_output is not None:
             try:
                 grads = self.span.backward(first.hidden, first.grad_output, first.attention_mask, first.position_ids,
-                                           first.start, first.end, first.prompts, first.adapter)
+                                           first.start, first.end, first.prompts, first.adapter, first.per_block,
+                                           lora=first.lora)
             except BaseException as error:  # noqa: BLE001 - handed to the waiting handler
                 first.resolve(error)
                 return
@@ -216,7 +280,18 @@ class Scheduler:
             mask = None if first.attention_mask is None else torch.cat([w.attention_mask for w in group])  # type: ignore[misc]
             positions = None if first.position_ids is None else torch.cat([w.position_ids for w in group])  # type: ignore[misc]
             prompts = None if first.prompts is None else torch.cat([w.prompts for w in group], dim=1)  # type: ignore[misc]
-            output = self.span.forward(hidden, mask, positions, None, first.start, first.end, prompts, first.adapter)
+            if len(group) > 1 or first.rows_per_pass >= rows:  # a stacked group fits whole (_forwards_fit)
+                output = self.span.forward(hidden, mask, positions, None, first.start, first.end, prompts, first.adapter,
+                                           lora=rows_of(group))
+            else:  # one forward too big for one pass: its rows in slices that fit
+                step = first.rows_per_pass
+                output = torch.cat([
+                    self.span.forward(hidden[row:row + step], None if mask is None else mask[row:row + step],
+                                      None if positions is None else positions[row:row + step], None, first.start,
+                                      first.end, None if prompts is None else prompts[:, row:row + step],
+                                      first.adapter, lora=LoraRows.uniform(first.lora, min(step, rows - row)))
+                    for row in range(0, rows, step)
+                ])
         except BaseException as error:  # noqa: BLE001 - handed to every waiting handler
             for work in group:
                 work.resolve(error)

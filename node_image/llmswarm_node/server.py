@@ -6,6 +6,8 @@ Layers, one job each (as Petals' server: handler -> block functions -> backend -
   submit the work and encode typed replies; every failure is answered by replies.error_reply;
 - scheduler.py runs the passes that batch_policy.py (pure) picks, batched across sessions
   (batching.py), through the span (span.py, loaded by span_loader.py);
+- connections.py bounds connections (count, header time), admission.py the forward/backward requests in
+  flight, memory.py (pure) each pass's memory, sessions.py the sessions (per server, connection, address);
 - announcer.py keeps the server in the route map (heartbeat, drain, leave) through the one
   route-map client that push.py's peer directory reads too.
 
@@ -37,10 +39,11 @@ from llmswarm_core import wire
 from llmswarm_core.arch import kv_bytes_per_token, kv_shape
 from llmswarm_core.security import server_ssl_context, token_middleware
 from llmswarm_node.announcer import Announcer
+from llmswarm_node.connections import ConnectionGate, GatedRunner
 from llmswarm_node.context import Node, ServerOptions
 from llmswarm_node.http_handlers import HttpHandlers
 from llmswarm_node.metrics import ServerMetrics
-from llmswarm_node.push import Pusher
+from llmswarm_node.push import FRESH_SECONDS, Pusher
 from llmswarm_node.scheduler import Scheduler
 from llmswarm_node.session_handlers import FRAME_SLACK, SessionHandlers
 from llmswarm_node.sessions import SessionTable
@@ -62,7 +65,7 @@ class BlockServer:
             id=options.server_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
             metrics=metrics,
             sessions=sessions,
-            scheduler=Scheduler(span, options.batching, metrics, sessions.cycling),
+            scheduler=Scheduler(span, options.batching, metrics, sessions.cycling, limits.compute_memory_bytes),
             wire_limits=wire.WireLimits(max_tensor_bytes=limits.max_message_bytes),
             url=options.public_url or "",
         )
@@ -72,6 +75,7 @@ class BlockServer:
         metrics.info.labels(options.model_name, self.node.dtype_name, self.node.id).set(1)
         self.announcer = Announcer(options.swarm, options.token, options.tls_ca, self.node.id, self.node.model_info(),
                                    self.node.record)
+        self.gate = ConnectionGate(limits.max_connections, limits.header_timeout)
         self.http_handlers = HttpHandlers(self.node)
         self.session_handlers = SessionHandlers(self.node)
         self._tasks: list[asyncio.Task[None]] = []
@@ -87,7 +91,7 @@ class BlockServer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.node.limits.max_message_bytes + FRAME_SLACK,
-                              middlewares=[token_middleware(self.options.token)])
+                              middlewares=[self.gate.middleware, token_middleware(self.options.token)])
         self.http_handlers.add_routes(app)
         self.session_handlers.add_routes(app)
         app.on_startup.append(self._start_background)
@@ -96,7 +100,10 @@ class BlockServer:
 
     async def _start_background(self, app: web.Application) -> None:
         self._tasks.append(asyncio.create_task(self._expire_sessions()))
-        self.session_handlers.pusher = Pusher(self.announcer.peers(), self.options.token, self.options.tls_ca)
+        peers = self.announcer.peers()
+        peers.keep_fresh(FRESH_SECONDS)
+        self.session_handlers.pusher = Pusher(peers, self.options.token, self.options.tls_ca,
+                                              timeout=self.node.limits.push_timeout)
 
     async def _stop_background(self, app: web.Application) -> None:
         for task in self._tasks:
@@ -133,7 +140,7 @@ class BlockServer:
 
 async def serve(server: BlockServer, host: str, port: int, stop: asyncio.Event | None = None) -> None:
     """Run the server until `stop` is set (then drain) or until cancelled (no drain)."""
-    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=1.0)
+    runner = GatedRunner(server.app(), server.gate, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     context = server_ssl_context(server.options.tls_cert, server.options.tls_key)
     site = web.TCPSite(runner, host, port, ssl_context=context)

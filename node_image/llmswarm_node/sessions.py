@@ -16,9 +16,12 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmswarm_core.wire import ProtocolError
+
+if TYPE_CHECKING:
+    from llmswarm_node.lora import ClientLora
 
 RETRY_AFTER = 1.0  # seconds a refused client is told to wait
 
@@ -34,6 +37,16 @@ class ServerLimits:
     max_message_bytes: int = 64 * 1024 * 1024
     kv_cache_bytes: int = 2 * 1024**3
     session_idle_timeout: float = 300.0  # seconds without a step before the cache is freed
+    compute_memory_bytes: int = 2 * 1024**3  # what one pass may allocate beyond weights and caches (memory.py)
+    max_sessions_per_connection: int = 32  # open sessions of one WebSocket connection
+    max_sessions_per_address: int = 64  # open sessions of one client address, over all its connections
+    max_connections: int = 256  # open TCP connections (HTTP and WebSocket); more are answered 503 and closed
+    header_timeout: float = 10.0  # seconds to send a request's header (and between requests on a kept-alive one)
+    body_timeout: float = 60.0  # seconds to send a forward's or backward's body
+    idle_connection_timeout: float = 60.0  # seconds a session WebSocket holding no session may send nothing
+    max_queued_requests: int = 32  # forward and backward requests in flight (being read, queued or running)
+    max_queued_bytes: int = 512 * 1024**2  # their bytes
+    push_timeout: float = 5.0  # seconds to hand a step to the next server before the client is told to send it
 
 
 @dataclass
@@ -48,6 +61,8 @@ class Session:
     cache: Any
     reserved_bytes: int
     adapter: str | None = None
+    address: str = ""  # the client's address (sessions per address are limited)
+    lora: ClientLora | None = None  # the client's own LoRA weights, from the open (lora.py)
     position: int = 0
     last_used: float = field(default_factory=time.monotonic)
     last_step: float | None = None  # when its latest step arrived
@@ -91,8 +106,9 @@ class SessionTable:
         return max(0, free // max(1, num_blocks * self.kv_bytes_per_token_block))
 
     def open(self, owner: int, start: int, end: int, batch_size: int, max_length: int, wire_dtype: str,
-             cache: Any, adapter: str | None = None) -> Session:
+             cache: Any, adapter: str | None = None, address: str = "") -> Session:
         limits = self.limits
+        self._check_client(owner, address)
         if max_length > limits.max_length:
             raise ProtocolError("too_large", f"max_length {max_length} exceeds this server's limit {limits.max_length}")
         if batch_size > limits.max_batch:
@@ -108,9 +124,27 @@ class SessionTable:
             )
         if need > free:
             raise ProtocolError("overloaded", f"the session needs {need} cache bytes, {free} are free", retry_after=RETRY_AFTER)
-        session = Session(next(self._ids), owner, start, end, max_length, batch_size, wire_dtype, cache, need, adapter)
+        session = Session(next(self._ids), owner, start, end, max_length, batch_size, wire_dtype, cache, need, adapter,
+                          address)
         self._sessions[session.id] = session
         return session
+
+    def _check_client(self, owner: int, address: str) -> None:
+        """One client may hold only so many sessions: per connection, and per address over its connections."""
+        limits = self.limits
+        sessions = list(self._sessions.values())
+        held = sum(1 for s in sessions if s.owner == owner)
+        if held >= limits.max_sessions_per_connection:
+            raise ProtocolError("overloaded", f"this connection holds {held} sessions, the limit per connection is "
+                                              f"{limits.max_sessions_per_connection}", retry_after=RETRY_AFTER)
+        held = sum(1 for s in sessions if s.address == address) if address else 0
+        if held >= limits.max_sessions_per_address:
+            raise ProtocolError("overloaded", f"{address} holds {held} sessions, the limit per address is "
+                                              f"{limits.max_sessions_per_address}", retry_after=RETRY_AFTER)
+
+    def held_by(self, owner: int) -> int:
+        """How many sessions connection `owner` holds."""
+        return sum(1 for s in list(self._sessions.values()) if s.owner == owner)
 
     def get(self, owner: int, session_id: int) -> Session:
         session = self._sessions.get(session_id)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from llmswarm_node.batching import HiddenRows, StepInput, batchable
+from llmswarm_node.lora import ClientLora
 from llmswarm_node.sessions import Session
 
 
@@ -40,6 +41,13 @@ class StepWork(Work):
     prompts: torch.Tensor | None = None  # deep prompts of a session's first step: it runs alone
     done: int = 0  # new tokens already run (long steps run in chunks)
     pieces: list[torch.Tensor] = field(default_factory=list)
+    piece_tokens: int = 1 << 30  # the most new tokens of one pass within the compute memory budget (memory.py)
+
+    @property
+    def past(self) -> int:
+        """Tokens in the session's cache before the next piece of this step."""
+        assert self.session is not None
+        return self.session.position + self.done
 
     @property
     def batchable(self) -> bool:
@@ -61,7 +69,7 @@ class StepWork(Work):
         if positions is None and stop - self.done < self.hidden.shape[1]:
             positions = torch.arange(past, past + stop - self.done).unsqueeze(0).expand(self.hidden.shape[0], -1)
         return StepInput(self.session.cache, past, self.hidden[:, self.done:stop], mask, positions,
-                         self.prompts if self.done == 0 else None)
+                         self.prompts if self.done == 0 else None, self.session.lora)
 
 
 @dataclass
@@ -73,6 +81,9 @@ class ForwardWork(Work):
     prompts: torch.Tensor | None = None
     adapter: str | None = None
     grad_output: torch.Tensor | None = None
+    rows_per_pass: int = 1 << 30  # a forward too big for one pass runs its rows in slices (memory.py)
+    per_block: bool = False  # a backward too big to run whole runs block by block (span.py)
+    lora: ClientLora | None = None  # the client's own LoRA weights: forwards with different ones still stack
 
     @property
     def kind(self) -> str:

@@ -10,6 +10,7 @@ record being the operator's ConfigMap mounted as a file and re-read when it chan
   DELETE /v1/servers/{id}    forget a server's announcement: ``{"removed", "version"}`` (404: none)
   GET    /v1/targets         the servers as Prometheus HTTP service discovery (``http_sd_configs``)
   GET    /healthz            alive; /readyz: 200 once there is a map to serve (503 before the record is read)
+  /v1/adapters...            published LoRA adapters: publish, list, a span's weights (adapter_routes.py)
   GET    /metrics            ``llmswarm_routemap_*`` and ``llmswarm_block_replicas``
 
 With a swarm token set, everything but /healthz, /readyz and /metrics needs it (security.py).
@@ -38,6 +39,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import ValidationError
 
+from llmswarm_control.adapter_routes import AdapterRoutes
+from llmswarm_control.adapters import AdapterLimits, AdapterStore
 from llmswarm_control.record_watch import ConfigMapRef, ConfigMapWatch
 from llmswarm_control.routemap_authority import Announcements, Authority, OperatorRecord
 from llmswarm_control.routetable import ModelMismatch
@@ -171,8 +174,10 @@ class RouteMapService:
 
     def __init__(self, authority: Authority, token: str | None = None, interval: float = 1.0,
                  poll: Callable[[], object] | None = None, clock: Callable[[], float] = time.monotonic,
-                 identities: IdentityBook | None = None, tls_ca: str | None = None) -> None:
+                 identities: IdentityBook | None = None, tls_ca: str | None = None,
+                 adapters: AdapterStore | None = None) -> None:
         self.authority = authority
+        self.adapters = adapters or AdapterStore()  # published LoRA adapters (adapters.py)
         # Who may speak for which server id, and which addresses proved to be theirs (see server_identities).
         self.identities = identities or IdentityBook(require_signatures=False, check_addresses=False)
         self._tls_ca = tls_ca
@@ -188,9 +193,9 @@ class RouteMapService:
 
     @classmethod
     def announcements(cls, model: ModelInfo | None = None, token: str | None = None,
-                      interval: float = 1.0) -> RouteMapService:
+                      interval: float = 1.0, adapters: AdapterStore | None = None) -> RouteMapService:
         """Announcements only (the local substrate)."""
-        return cls(Announcements(model), token, interval)
+        return cls(Announcements(model), token, interval, adapters=adapters)
 
     #: With a record in a ConfigMap: the watch that brings each new one through the API (see record_watch).
     watch: ConfigMapWatch | None = None
@@ -219,6 +224,7 @@ class RouteMapService:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        AdapterRoutes(self.adapters, lambda: self.published.model).add_routes(app)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -346,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configmap", help="with --routes: also watch this ConfigMap (its routes.json) through the Kubernetes API "
                                             "with the pod's service account, so a new record counts within a second")
     parser.add_argument("--namespace", help="the ConfigMap's namespace (default: the service account's)")
+    limits = AdapterLimits()
+    parser.add_argument("--max-adapter-bytes", type=int, default=limits.max_adapter_bytes,
+                        help="largest published LoRA adapter (a safetensors file)")
+    parser.add_argument("--adapter-store-bytes", type=int, default=limits.max_store_bytes,
+                        help="bytes of published adapters the service keeps in all")
     return parser
 
 
@@ -356,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     configmap = ConfigMapRef.in_cluster(args.configmap, args.namespace) if args.configmap else None
     service = (RouteMapService.from_record(args.routes, token, args.interval, configmap) if args.routes
                else RouteMapService.announcements(token=token, interval=args.interval))
+    # Without the model's blocks at hand, published adapters are checked for their own consistency here and
+    # against the real modules by each server as it loads its span's rows.
+    service.adapters = AdapterStore(AdapterLimits(args.max_adapter_bytes, args.adapter_store_bytes))
     web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None)
     return 0
 

@@ -25,9 +25,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from tqdm.auto import tqdm
 
+from llmswarm_control.adapters import AdapterStore
 from llmswarm_control.placement import place_spans
 from llmswarm_control.routemap_service import RouteMapService
 from llmswarm_core.defaults import DEFAULT_MODEL, ROUTE_MAP_PORT
+from llmswarm_core.lora import model_block_modules
 from llmswarm_core.routemap import ModelInfo, RouteMap
 from llmswarm_core.security import TOKEN_ENV, server_ssl_context
 from llmswarm_core.source import resolve
@@ -63,8 +65,8 @@ class _RouteMapThread:
     """The route-map service on its own event loop in a background thread."""
 
     def __init__(self, host: str, port: int, model: ModelInfo, token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        self.service = RouteMapService.announcements(model, token=token)
+                 ssl_context: ssl.SSLContext | None = None, adapters: AdapterStore | None = None) -> None:
+        self.service = RouteMapService.announcements(model, token=token, adapters=adapters)
         self._ssl = ssl_context
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -127,7 +129,9 @@ class LocalSwarm:
         self.num_blocks = source.num_blocks
         model = ModelInfo(name=source.name, num_blocks=source.num_blocks, hidden_size=int(source.config.hidden_size))
         context = server_ssl_context(o.tls_cert, o.tls_key)
-        self._routemap = _RouteMapThread(o.host, o.port, model, o.token, context)
+        # Published adapters are checked against the model's own block modules (adapters.py)
+        adapters = AdapterStore(shapes=model_block_modules(source.config)[0])
+        self._routemap = _RouteMapThread(o.host, o.port, model, o.token, context, adapters)
         self.url = f"{'https' if context else 'http'}://{o.host}:{self._routemap.port}"
         self.log_dir = o.log_dir or Path(tempfile.mkdtemp(prefix="llmswarm-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)

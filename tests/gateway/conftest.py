@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 from collections.abc import Iterator
@@ -51,8 +52,14 @@ def gateway(swarm3: Any, model3: Any) -> Iterator[GatewayThread]:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2: Any) -> Any:
+def _loaded_tokenizer(smollm2: Any) -> Any:
     return smollm2.tokenizer()
+
+
+@pytest.fixture()
+def tokenizer(_loaded_tokenizer: Any) -> Any:
+    """Each test's own copy (a quarter of a second): one that sets padding_side, say, changes no other test."""
+    return copy.deepcopy(_loaded_tokenizer)
 
 
 @pytest.fixture()
@@ -67,13 +74,33 @@ def server_sessions(swarm: Any) -> list[int]:
     return [int(requests.get(f"{s.url}/info", timeout=5).json()["sessions"]) for s in swarm.routes().servers]
 
 
-def wait_sessions_freed(swarm: Any, timeout: float = 10.0) -> list[int]:
+def wait_sessions_freed(swarm: Any, timeout: float = 30.0, before: list[int] | None = None) -> list[int]:
+    """Wait until no server holds more sessions than in `before` (what a test saw before it opened any); the
+    counts then. Other sessions (another test's, closing late) do not keep it waiting: it never waits for the
+    whole swarm to be empty unless `before` is left out (then every server is compared with 0)."""
+    limit = before if before is not None else [0] * len(server_sessions(swarm))
     deadline = time.monotonic() + timeout
     while True:
         sessions = server_sessions(swarm)
-        if not any(sessions) or time.monotonic() > deadline:
+        if all(now <= then for now, then in zip(sessions, limit, strict=True)) or time.monotonic() > deadline:
             return sessions
         time.sleep(0.05)
+
+
+def settled_sessions(swarm: Any, quiet: float = 1.0, timeout: float = 30.0) -> list[int]:
+    """The servers' session counts once they have stayed the same for `quiet` seconds (sessions that earlier
+    tests closed are freed asynchronously), or the last counts after `timeout`."""
+    deadline = time.monotonic() + timeout
+    sessions = server_sessions(swarm)
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = server_sessions(swarm)
+        if now != sessions:
+            sessions, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return sessions
 
 
 def metric(text: str, name: str, **labels: str) -> float:

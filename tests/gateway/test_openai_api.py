@@ -15,7 +15,7 @@ import requests
 import torch
 
 from tests.conftest import chat_ids
-from tests.gateway.conftest import TOKEN, GatewayThread, metric, server_sessions, wait_sessions_freed
+from tests.gateway.conftest import TOKEN, GatewayThread, metric, server_sessions, settled_sessions, wait_sessions_freed
 
 pytestmark = pytest.mark.integration
 
@@ -245,14 +245,16 @@ def test_full_queue_is_refused_with_429_and_leaving_clients_free_everything(gate
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story about dragons."}],
             "temperature": 0, "max_tokens": 400}
     before = requests.get(f"{gateway.url}/metrics", timeout=5).text
+    sessions_before = settled_sessions(swarm3)  # others' sessions may be open: counts are compared with these
+    running = [n + 4 for n in sessions_before]
     sockets = [_raw_post(gateway, {**body, "stream": i % 2 == 0}) for i in range(8)]  # 4 running + 4 queued
     try:
         assert _wait_metric(gateway, "llmswarm_gateway_active_generations", 4) == 4
         assert _wait_metric(gateway, "llmswarm_gateway_queued_generations", 4) == 4
         deadline = time.monotonic() + 20
-        while sum(server_sessions(swarm3)) < 3 * 4 and time.monotonic() < deadline:
+        while server_sessions(swarm3) != running and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server_sessions(swarm3) == [4, 4, 4]  # each running generation holds a session on every server
+        assert server_sessions(swarm3) == running  # each running generation holds a session on every server
         with pytest.raises(openai.RateLimitError) as caught:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert caught.value.code == "overloaded"
@@ -262,7 +264,8 @@ def test_full_queue_is_refused_with_429_and_leaving_clients_free_everything(gate
             sock.close()
     assert _wait_metric(gateway, "llmswarm_gateway_active_generations", 0) == 0
     assert _wait_metric(gateway, "llmswarm_gateway_queued_generations", 0) == 0
-    assert wait_sessions_freed(swarm3) == [0, 0, 0]
+    freed = wait_sessions_freed(swarm3, before=sessions_before)
+    assert all(now <= then for now, then in zip(freed, sessions_before, strict=True)), (freed, sessions_before)
     after = requests.get(f"{gateway.url}/metrics", timeout=5).text
     cancelled = (metric(after, "llmswarm_gateway_cancelled_generations_total", reason="disconnected")
                  - metric(before, "llmswarm_gateway_cancelled_generations_total", reason="disconnected"))
@@ -275,14 +278,17 @@ def test_full_queue_is_refused_with_429_and_leaving_clients_free_everything(gate
 def test_a_stream_whose_client_vanishes_frees_its_sessions(gateway: GatewayThread, swarm3: Any) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count from one to one hundred in words."}],
             "temperature": 0, "max_tokens": 400, "stream": True}
+    sessions_before = settled_sessions(swarm3)  # others' sessions may be open: counts are compared with these
     response = requests.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60, stream=True,
                              headers={"Authorization": f"Bearer {TOKEN}"})
     lines = response.iter_lines()
     received = [next(lines) for _ in range(8)]
     assert all(not line or line.startswith(b"data: {") for line in received)
-    assert all(server_sessions(swarm3))
+    streaming = server_sessions(swarm3)
+    assert all(now > then for now, then in zip(streaming, sessions_before, strict=True)), (streaming, sessions_before)
     response.close()
-    assert wait_sessions_freed(swarm3, timeout=5) == [0, 0, 0]
+    freed = wait_sessions_freed(swarm3, timeout=20, before=sessions_before)
+    assert all(now <= then for now, then in zip(freed, sessions_before, strict=True)), (freed, sessions_before)
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------
