@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import requests
@@ -217,18 +219,22 @@ def trained(swarm3, local_smollm2, tmp_path_factory):
     optimizers = torch.optim.Adam(trainable, lr=LR), torch.optim.Adam(local_trainable, lr=LR)
     losses: tuple[list[float], list[float]] = ([], [])
     first_grads = None
-    for step in range(STEPS):
-        for net, optimizer, seen in zip((model, peft_model), optimizers, losses, strict=True):
-            optimizer.zero_grad()
-            loss = net(**batch, labels=labels).loss
-            loss.backward()
-            seen.append(loss.item())
-        if step == 0:
-            first_grads = ({k: v.grad.clone() for k, v in zip(model.peft_state_dict(), trainable, strict=True)},
-                           {n.replace(".default", ""): p.grad.clone() for n, p in peft_model.named_parameters()
-                            if p.requires_grad})
-        for optimizer in optimizers:
-            optimizer.step()
+    # The servers' torch thread count (a fresh process's default): other tests may have changed this process's.
+    server_threads = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                        capture_output=True, text=True, check=True).stdout)
+    with torch_threads(server_threads):
+        for step in range(STEPS):
+            for net, optimizer, seen in zip((model, peft_model), optimizers, losses, strict=True):
+                optimizer.zero_grad()
+                loss = net(**batch, labels=labels).loss
+                loss.backward()
+                seen.append(loss.item())
+            if step == 0:
+                first_grads = ({k: v.grad.clone() for k, v in zip(model.peft_state_dict(), trainable, strict=True)},
+                               {n.replace(".default", ""): p.grad.clone() for n, p in peft_model.named_parameters()
+                                if p.requires_grad})
+            for optimizer in optimizers:
+                optimizer.step()
     path = tmp_path_factory.mktemp("trained-adapter")
     model.save_pretrained(path)
     return dict(model=model, peft_model=peft_model.eval(), losses=losses, grads=first_grads, path=path,

@@ -50,7 +50,7 @@ from llmswarm_core.routemap import ModelInfo, RouteMap, ServerRecord
 from llmswarm_core.spans import Span, coverage
 from llmswarm_node.metrics import ServerMetrics
 from llmswarm_operator.assignment import Assignment, fits, moved
-from llmswarm_operator.manifests import DesiredServer, desired_servers
+from llmswarm_operator.manifests import DesiredServer, desired_servers, server_name
 from llmswarm_operator.planner import ExistingServer, plan_servers
 from tests.helpers import serving
 
@@ -242,13 +242,16 @@ def test_upper_bound_bounds_every_placement(specs: list[tuple[float, int]], num_
 
 
 def test_moved_servers_get_new_names_and_fit_the_placement() -> None:
+    def name(start: int, end: int, ordinal: int) -> str:
+        return server_name("sw", "cpu", Span(start, end), ordinal)
+
     placement = place(30, [Pool("cpu", min_servers=3, blocks_per_server=15)])
     desired = desired_servers("sw", placement)
-    assert [d.name for d in desired] == ["sw-cpu-0-15-0", "sw-cpu-15-30-0", "sw-cpu-0-15-1"]
-    assignment, renamed = moved("sw", desired, [Move("sw-cpu-0-15-0", Span(0, 15), Span(15, 30))],
-                                taken={"sw-cpu-15-30-1"})  # a draining server of that name still exists
-    assert renamed == {"sw-cpu-0-15-0": "sw-cpu-15-30-2"}
-    assert [d.name for d in assignment.servers] == ["sw-cpu-15-30-2", "sw-cpu-15-30-0", "sw-cpu-0-15-1"]
+    assert [d.name for d in desired] == [name(0, 15, 0), name(15, 30, 0), name(0, 15, 1)]
+    assignment, renamed = moved("sw", desired, [Move(name(0, 15, 0), Span(0, 15), Span(15, 30))],
+                                taken={name(15, 30, 1)})  # a draining server of that name still exists
+    assert renamed == {name(0, 15, 0): name(15, 30, 2)}
+    assert [d.name for d in assignment.servers] == [name(15, 30, 2), name(15, 30, 0), name(0, 15, 1)]
     assert fits(assignment, "sw", placement)
     assert Assignment.from_json(assignment.to_json()) == assignment
     assert Assignment.from_json("{not json") is None and Assignment.from_json('{"servers": [{"name": 1}]}') is None

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.integration
 def test_gateway_process_serves_with_the_token_from_the_environment(swarm3: Any) -> None:
     log = OUTPUT / "gateway" / "cli-gateway.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LLMSWARM_TOKEN": "cli-token", "PYTHONUNBUFFERED": "1"}
+    # The API key from the environment: LLMSWARM_GATEWAY_TOKEN (LLMSWARM_TOKEN is the swarm credential, never a key).
+    env = {**os.environ, "LLMSWARM_GATEWAY_TOKEN": "cli-token", "LLMSWARM_TOKEN": "", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "llmswarm.gateway", "--swarm", swarm3.url, "--port", "0", "--max-tokens", "64",
                "--served-model-name", "smol"]
     with log.open("w") as stderr:

@@ -17,7 +17,8 @@ from typing import Any
 from llmswarm.gateway.options import DEFAULT_PORT, GatewayOptions
 from llmswarm_core.defaults import FLOAT_DTYPES
 
-TOKEN_ENV = "LLMSWARM_TOKEN"
+TOKEN_ENV = "LLMSWARM_TOKEN"  # the swarm credential (--swarm-token)
+API_KEY_ENV = "LLMSWARM_GATEWAY_TOKEN"  # the one API key (--token): never the swarm credential
 
 
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model SPEC for the client's local part (directory, .gguf, org/name or smollm2)")
     parser.add_argument("--host", default=defaults.host, help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
-    parser.add_argument("--token", help="one API key clients must send as a bearer token")
+    parser.add_argument("--token", help=f"one API key clients must send as a bearer token (default: ${API_KEY_ENV})")
     parser.add_argument("--api-keys", metavar="FILE", help="API keys file: many hashed, revocable keys with rate limits "
                         "(see `llmswarm gateway-keys`)")
     parser.add_argument("--swarm-token", help=f"the gateway's credential for the swarm (default: ${TOKEN_ENV}); never a client's key")
@@ -58,7 +59,8 @@ def add_gateway_command(subparsers: Any) -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> GatewayOptions:
     return GatewayOptions(
         swarm=args.swarm, model=args.model, host=args.host, port=args.port,
-        token=args.token or None, api_keys=args.api_keys, swarm_token=args.swarm_token or os.environ.get(TOKEN_ENV) or None,
+        token=args.token or os.environ.get(API_KEY_ENV) or None, api_keys=args.api_keys,
+        swarm_token=args.swarm_token or os.environ.get(TOKEN_ENV) or None,
         served_model_name=args.served_model_name,
         wire_dtype=args.wire_dtype, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
         max_tokens=args.max_tokens, context_length=args.context_length, max_body_bytes=args.max_body_bytes,
