@@ -6,7 +6,7 @@ was answered, in the aiohttp versions this package supports). :class:`Connection
 between the listening socket and aiohttp:
 
 - past ``--max-connections`` open connections, a new one is answered ``503`` with
-  ``Retry-After`` and an ``overloaded`` error frame, then closed, before anything is read;
+  ``Retry-After`` and an ``overloaded`` error frame once its request header arrived, then closed;
 - a connection that has not sent a whole request header ``--header-timeout`` seconds after it
   opened is closed (after a request, aiohttp's keep-alive timeout, set to the same value, closes
   a connection that does not start the next one);
@@ -44,26 +44,51 @@ def refusal(open_connections: int) -> bytes:
 
 
 class _Refused(asyncio.Protocol):
-    """A connection over the limit: answered at once, closed once its header arrived (so that the answer is read,
-    not reset) or after REFUSAL_LINGER."""
+    """A connection over the limit, answered once its request header arrived (or after REFUSAL_LINGER).
+
+    Answering before the request is read would race the client: a WebSocket client that reads the 503 before it
+    has sent its handshake finds the connection closed under it, not refused. After the answer the connection is
+    half-closed and what the client still sends is read and dropped until it closes (a close with unread data would
+    reset the connection and could lose the answer)."""
 
     def __init__(self, response: bytes) -> None:
         self.response = response
         self.tail = b""
-        self.transport: asyncio.BaseTransport | None = None
+        self.answered = False
+        self.transport: asyncio.WriteTransport | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
-        transport.write(self.response)
-        self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.close)
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self._answer_and_close)
 
     def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return
         seen = self.tail + data
         self.tail = seen[-len(HEADER_END):]
-        if HEADER_END in seen and self.transport is not None:
+        if HEADER_END in seen:
+            self._answer()
+
+    def _answer(self) -> None:
+        if self.answered or self.transport is None or self.transport.is_closing():
+            return
+        self.answered = True
+        self.transport.write(self.response)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client reads the answer, then closes; the timer closes a client that doesn't
+        else:
             self.transport.close()
+
+    def _answer_and_close(self) -> None:
+        self._answer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        self._answer()
+        return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
