@@ -25,11 +25,13 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 @contextmanager
 def running(span: SpanRunner, swarm: str | None = None, push_timeout: float | None = None,
-            **limits: Any) -> Iterator[tuple[str, BlockServer]]:
+            server_id: str | None = None, identity_file: str | None = None, token: str | None = None,
+            authority_key: str | None = None, **limits: Any) -> Iterator[tuple[str, BlockServer]]:
     """A BlockServer over `span` with these ServerLimits, serving on 127.0.0.1 until the block ends."""
     if push_timeout is not None:
         limits["push_timeout"] = push_timeout
-    options = ServerOptions(model_name="smollm2", limits=ServerLimits(**limits), swarm=swarm, drain_timeout=0.5)
+    options = ServerOptions(model_name="smollm2", limits=ServerLimits(**limits), swarm=swarm, drain_timeout=0.5,
+                            server_id=server_id, identity_file=identity_file, token=token, authority_key=authority_key)
     server = BlockServer(span, options)
     server.set_throughput(1.0)
     started: dict[str, Any] = {}

@@ -84,6 +84,29 @@ def cmd_gateway_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_credentials(args: argparse.Namespace) -> int:
+    """The swarm's authority key (made on first use, kept with mode 0600) and the credentials it signs."""
+    from llmswarm_core.credentials import Authority, CredentialError
+    from llmswarm_core.identity import IdentityError, ServerIdentity
+    from llmswarm_core.source import cache_root
+
+    path = Path(args.authority_file) if args.authority_file else cache_root() / "authority.pem"
+    try:
+        authority = Authority(ServerIdentity.load_or_create(path))
+        if args.action == "public-key":
+            print(authority.public_key)
+            print(f"the authority key is kept in {path}; give this public key to the route map and the servers "
+                  "(--authority-key or $LLMSWARM_AUTHORITY_KEY)", file=sys.stderr)
+        else:
+            ttl = args.ttl_hours * 3600 if args.ttl_hours else None
+            print(authority.issue(args.name, args.roles.split(","), ttl))
+            print(f"credential {args.name!r} with roles {args.roles}; it is shown only this once", file=sys.stderr)
+    except (CredentialError, IdentityError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_routes(args: argparse.Namespace) -> int:
     routes = _swarm_client(args).routes()
     model = routes.model
@@ -137,13 +160,14 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from llmswarm_control.placement import PlacementError
-    from llmswarm_core.security import token_from_env
+    from llmswarm_core.security import authority_from_env, token_from_env
     from llmswarm_local.swarm import LocalSwarm, LocalSwarmError, LocalSwarmOptions
 
     options = LocalSwarmOptions(
         model=args.model, servers=args.servers, redundancy=args.redundancy,
         blocks_per_server=args.blocks_per_server, host=args.host, port=args.port, dtype=args.dtype,
-        threads=args.threads, token=token_from_env(args.token), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        threads=args.threads, token=token_from_env(args.token),
+        authority_key=authority_from_env(args.authority_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, server_args=["--quantization", args.quantization],
     )
     if args.blocks_per_server is not None and args.servers_given is False:
@@ -265,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--name", required=True, help="the key's name (in the usage metrics)")
     keys.add_argument("--requests-per-minute", type=int, help="rate limit of the key (create)")
     keys.set_defaults(func=cmd_gateway_keys)
+
+    credentials = sub.add_parser("credentials", help="the swarm's authority key and credentials with roles "
+                                                     "(use, join, admin)")
+    credentials.add_argument("action", choices=("public-key", "issue"),
+                             help="public-key: print the authority's public key (made on first use); "
+                                  "issue: print a new credential signed by it")
+    credentials.add_argument("--authority-file", help="the authority's private key (default: "
+                                                      "$LLMSWARM_CACHE/authority.pem, made on first use)")
+    credentials.add_argument("--name", default="client", help="who holds the credential (issue)")
+    credentials.add_argument("--roles", default="use", help="comma-separated roles of use, join, admin (issue)")
+    credentials.add_argument("--ttl-hours", type=float, help="the credential expires after this long (issue)")
+    credentials.set_defaults(func=cmd_credentials)
 
     routes = sub.add_parser("routes", help="print the route map as a table")
     routes.add_argument("--swarm", default=DEFAULT_SWARM, help="route-map URL")

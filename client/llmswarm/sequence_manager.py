@@ -11,8 +11,10 @@ import dataclasses
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import requests
 
@@ -21,7 +23,7 @@ from llmswarm.errors import SwarmError
 from llmswarm.routing import Hop, NoRoute, choose_chain
 from llmswarm_core.routemap import RouteMap
 from llmswarm_core.routemap_client import RouteMapError, fetch_routes
-from llmswarm_core.security import client_ssl_context
+from llmswarm_core.security import PlainCredentialWarning, client_ssl_context, sends_credential_in_clear
 
 log = logging.getLogger("llmswarm.client")
 
@@ -68,6 +70,8 @@ class SwarmClient:
         self._lock = threading.Lock()
         self._hops: dict[str, tuple[int, float]] = {}  # server id -> (inference steps, seconds from send to output)
         self._stats = ClientStats()
+        self._warned: set[str] = set()  # hosts warned about a credential in the clear
+        self._warn_if_in_clear(self.url)
 
     @property
     def stats(self) -> ClientStats:
@@ -93,7 +97,18 @@ class SwarmClient:
             raise SwarmError(str(error)) from error
         with self._lock:
             self._routes, self._fetched = routes, time.monotonic()
+        for server in routes.servers:
+            self._warn_if_in_clear(server.url)
         return routes
+
+    def _warn_if_in_clear(self, url: str) -> None:
+        """Warn once per host where the credential would go over plain http to an address that is not loopback."""
+        host = urlsplit(url).netloc
+        if host not in self._warned and sends_credential_in_clear(url, self.config.token):
+            self._warned.add(host)
+            warnings.warn(f"the swarm credential is sent over plain http to {host}: anyone on the path can read and "
+                          "reuse it; serve the swarm over https (--tls-cert) where it leaves one host",
+                          PlainCredentialWarning, stacklevel=3)
 
     def rtt(self, server_id: str, url: str) -> float:
         """Round-trip time to a server's /healthz (best of two), measured once."""

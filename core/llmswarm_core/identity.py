@@ -93,12 +93,16 @@ class ServerIdentity:
             return cls(key)
         identity = cls.generate()
         path.parent.mkdir(parents=True, exist_ok=True)
-        pem = identity._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption())
+        pem = identity.private_pem()
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(pem)
         return identity
+
+    def private_pem(self) -> bytes:
+        """The private key as PEM (PKCS#8), as load_or_create reads it: to keep it (a file, a Secret)."""
+        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
 
     def sign(self, payload: Any) -> str:
         return _b64(self._key.sign(canonical(payload)))

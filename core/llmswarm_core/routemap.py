@@ -111,6 +111,8 @@ class RouteMap(_Schema):
     model: ModelInfo | None
     version: Annotated[int, Field(ge=0)]
     servers: list[ServerRecord]
+    # Ids of credentials an admin revoked: block servers refuse them too (they read the map every few seconds).
+    revoked: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=10_000)] = []
 
     @model_validator(mode="after")
     def _spans_inside_model(self) -> RouteMap:

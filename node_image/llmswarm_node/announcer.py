@@ -12,7 +12,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from llmswarm_core.routemap import Announcement, ModelInfo, ServerRecord
+from llmswarm_core.identity import ServerIdentity
+from llmswarm_core.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
 from llmswarm_core.routemap_client import RouteMapClient, RouteMapError
 from llmswarm_node.push import PeerDirectory
 
@@ -25,10 +26,11 @@ FAREWELL_TIMEOUT = 3.0  # seconds the drain announcement and the leave may take,
 
 class Announcer:
     """Announces server `server_id` of `model`, as `record()` says it is now, to the route map at `url`
-    (None: a server of no swarm)."""
+    (None: a server of no swarm). Announcements and the leave are signed with the server's `identity`."""
 
     def __init__(self, url: str | None, token: str | None, tls_ca: str | None, server_id: str, model: ModelInfo,
-                 record: Callable[[], ServerRecord]) -> None:
+                 record: Callable[[], ServerRecord], identity: ServerIdentity | None = None) -> None:
+        self.identity = identity or ServerIdentity.generate()
         self.url = url
         self.token = token
         self.tls_ca = tls_ca
@@ -44,9 +46,9 @@ class Announcer:
             self._routes = RouteMapClient(self.url, self.token, self.tls_ca, timeout=HEARTBEAT_TIMEOUT)
         return self._routes
 
-    def peers(self) -> PeerDirectory:
-        """The push peers' directory, reading the route map through the same client."""
-        return PeerDirectory(self.route_map())
+    def peers(self, on_read: Callable[[RouteMap], None] | None = None) -> PeerDirectory:
+        """The push peers' directory, reading the route map through the same client (`on_read`: told each read)."""
+        return PeerDirectory(self.route_map(), on_read)
 
     def start_heartbeat(self) -> None:
         """Announce every HEARTBEAT_SECONDS (once the server is online and knows its URL)."""
@@ -65,7 +67,8 @@ class Announcer:
         """One announcement of the server as it is now; raises RouteMapError where it fails."""
         routes = self.route_map()
         if routes is not None:
-            await routes.announce(Announcement(model=self.model, server=self.record(), ttl=HEARTBEAT_SECONDS * 5))
+            announcement = Announcement(model=self.model, server=self.record(), ttl=HEARTBEAT_SECONDS * 5)
+            await routes.announce(announcement.signed(self.identity))
 
     async def announce_draining(self) -> None:
         """Tell the route map at once that the server drains (best effort, FAREWELL_TIMEOUT at most)."""
@@ -76,7 +79,7 @@ class Announcer:
         await self.stop_heartbeat()
         routes = self.route_map()
         if routes is not None:
-            await self._farewell(routes.leave(self.server_id), "leave")
+            await self._farewell(routes.leave(self.server_id, self.identity), "leave")
 
     async def stop_heartbeat(self) -> None:
         if self._heartbeat is not None:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from llmswarm_core import wire
+from llmswarm_core.identity import ServerIdentity
 from llmswarm_core.routemap import ModelInfo, ServerRecord, ServerState
 from llmswarm_node.batch_policy import BatchOptions
 from llmswarm_node.lora import LoraLimits, LoraStore
@@ -23,11 +24,13 @@ class ServerOptions:
     port: int = 0
     public_url: str | None = None
     swarm: str | None = None
-    server_id: str | None = None
+    server_id: str | None = None  # default: the id of the server's key (identity.py)
+    identity_file: str | None = None  # the server's Ed25519 key, created there on first start (None: a new key)
     limits: ServerLimits = field(default_factory=ServerLimits)
     batching: BatchOptions = field(default_factory=BatchOptions)
     lora: LoraLimits = field(default_factory=LoraLimits)  # clients' own LoRA weights
-    token: str | None = None  # the swarm token: required on RPCs, sent to the route map
+    token: str | None = None  # the swarm token, or this server's credential: required on RPCs, sent to the route map
+    authority_key: str | None = None  # clients' credentials signed by this key are checked for the use role
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None  # CA bundle to verify an https route map
@@ -46,6 +49,7 @@ class Node:
     sessions: SessionTable
     scheduler: Scheduler
     wire_limits: wire.WireLimits
+    identity: ServerIdentity = field(default_factory=ServerIdentity.generate)  # signs announcements and proofs
     url: str = ""
     state: ServerState = "joining"
     throughput: float = 0.0  # inference tokens/s through the whole span, measured at start

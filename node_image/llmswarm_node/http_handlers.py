@@ -8,6 +8,7 @@ its HTTP status (and ``Retry-After`` where the client should come back later).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmswarm_core import wire
 from llmswarm_core.lora import GRAD_TENSOR
+from llmswarm_core.routemap import IdentityProof
 from llmswarm_core.wire import DTYPES, ProtocolError
 from llmswarm_node import validation
 from llmswarm_node.admission import InFlight
@@ -24,6 +26,7 @@ from llmswarm_node.replies import error_reply
 from llmswarm_node.session_handlers import FRAME_SLACK
 
 FRAME = "application/octet-stream"
+CHALLENGE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 class HttpHandlers:
@@ -41,6 +44,7 @@ class HttpHandlers:
         app.router.add_post("/v1/forward", self.forward)
         app.router.add_post("/v1/backward", self.backward)
         app.router.add_get("/v1/weights-digest", self.weights_digest)
+        app.router.add_get("/v1/identity", self.identity)
 
     # ---- probes and metadata -----------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
@@ -49,6 +53,14 @@ class HttpHandlers:
     async def readyz(self, request: web.Request) -> web.Response:
         ready = self.node.state == "online"
         return web.json_response({"ready": ready, "state": self.node.state}, status=200 if ready else 503)
+
+    async def identity(self, request: web.Request) -> web.Response:
+        """Proof that this address is this server: the route map's challenge, signed with the server's key."""
+        challenge = request.query.get("challenge", "")
+        if not CHALLENGE.fullmatch(challenge):
+            return web.json_response({"error": "challenge must be 16 to 128 characters of A-Z a-z 0-9 _ -"}, status=400)
+        node = self.node
+        return web.json_response(IdentityProof.answer(node.identity, node.id, challenge, node.url).model_dump())
 
     async def info(self, request: web.Request) -> web.Response:
         node, span = self.node, self.node.span

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from llmswarm_core.defaults import DEFAULT_MODEL, FLOAT_DTYPES
-from llmswarm_core.security import TOKEN_ENV, token_from_env
+from llmswarm_core.security import AUTHORITY_ENV, TOKEN_ENV, authority_from_env, token_from_env
 from llmswarm_node.batch_policy import BatchOptions
 from llmswarm_node.lora import LoraLimits
 from llmswarm_node.sessions import ServerLimits
@@ -22,6 +22,28 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     parser.add_argument("--tls-ca", help="CA bundle (PEM) to verify https peers (route map) against")
+    parser.add_argument("--authority-key", help="the public key that signs the swarm's credentials (llmswarm "
+                                                "credentials): requests need one holding the use role, or the token "
+                                                f"(default: ${AUTHORITY_ENV})")
+
+
+def add_identity_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--identity-file", help="the server's Ed25519 key (PEM), created with mode 0600 on first start "
+                                                "and kept: its announcements are signed with it, and without "
+                                                "--server-id its id derives from it (default: with --server-id, "
+                                                "$LLMSWARM_CACHE/identities/SERVER_ID.pem, so that a restarted server "
+                                                "speaks for its id again; without, a new key and id each start)")
+
+
+def identity_file(args: argparse.Namespace) -> str | None:
+    """The key file to use: the one given, else one per --server-id in the cache, else none (a new key)."""
+    if args.identity_file or not args.server_id:
+        return args.identity_file
+    from llmswarm_core.source import cache_root
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", args.server_id) or args.server_id.startswith("."):
+        raise SystemExit(f"error: --server-id {args.server_id!r} cannot name a key file: give --identity-file")
+    return str(cache_root() / "identities" / f"{args.server_id}.pem")
 
 
 def parse_adapter(text: str) -> str:
@@ -49,8 +71,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     parser.add_argument("--public-url", help="URL clients use to reach this server (default http://HOST:PORT)")
-    parser.add_argument("--swarm", help="route-map URL to announce this server to")
-    parser.add_argument("--server-id", help="stable id in the route map (default: hostname + random suffix)")
+    parser.add_argument("--swarm", "--join", dest="swarm",
+                        help="route-map URL to announce this server to (--join: a swarm elsewhere, e.g. a Kubernetes "
+                             "Swarm's public route map; give --public-url, the address its clients reach this server "
+                             "at, and a credential holding use and join as --token)")
+    parser.add_argument("--server-id", help="stable id in the route map (default: the id of the server's key, srv-...; "
+                             "a named id belongs to the first key "
+                             "that announces it, for the route map's life)")
     parser.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute dtype of the blocks")
     parser.add_argument("--device", help="torch device for the blocks (default: cuda when available, else cpu)")
     parser.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
@@ -87,6 +114,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds open sessions may take to finish before the server exits")
     add_security_arguments(parser)
+    add_identity_argument(parser)
     parser.add_argument("--no-push", dest="push", action="store_false",
                         help="never push a step's output to the next server (clients then send it on themselves)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -178,13 +206,15 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     options = ServerOptions(
         model_name=source.name, host=args.host, port=args.port, public_url=args.public_url,
-        swarm=args.swarm.rstrip("/") if args.swarm else None, server_id=args.server_id, limits=limits,
+        swarm=args.swarm.rstrip("/") if args.swarm else None, server_id=args.server_id,
+        identity_file=identity_file(args), limits=limits,
         batching=BatchOptions(
             max_batch_rows=args.max_batch_rows, max_batch_tokens=args.max_batch_tokens,
             batch_wait=args.batch_wait_ms / 1000, prefill_chunk=args.prefill_chunk,
             threads=bulk_threads, decode_threads=decode_threads,
         ),
-        token=token_from_env(args.token), tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        token=token_from_env(args.token), authority_key=authority_from_env(args.authority_key),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         drain_timeout=args.drain_timeout, push=args.push,
         lora=LoraLimits(max_rank=args.max_lora_rank, max_request_bytes=args.max_lora_bytes,
                         session_bytes=args.lora_session_bytes, published_bytes=args.published_adapter_bytes),

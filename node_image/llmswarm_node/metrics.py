@@ -18,6 +18,10 @@ class ServerMetrics:
             "llmswarm_request_duration_seconds", "Time from request decoded to reply ready, by kind",
             ["kind"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.auth_refusals = Counter(
+            "llmswarm_auth_refusals", "Requests refused for their credential: missing, unknown, expired or revoked "
+            "(credential), or without the use role (role)", ["reason"], registry=r,
+        )
         self.pushes = Counter(
             "llmswarm_pushes", "Step outputs handed to the next server of a client's chain, by outcome "
             "(failed: the client sent it itself)", ["status"], registry=r,

@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
 
 from llmswarm_core import wire
+from llmswarm_core.routemap import RouteMap
 from llmswarm_core.routemap_client import RouteMapClient, RouteMapError, auth_headers
 from llmswarm_core.security import client_ssl_context
 
@@ -49,8 +50,10 @@ class PeerDirectory:
     that join are known before the first step is pushed to them.
     """
 
-    def __init__(self, routes: RouteMapClient | None) -> None:
+    def __init__(self, routes: RouteMapClient | None,
+                 on_read: Callable[[RouteMap], None] | None = None) -> None:
         self.routes = routes
+        self.on_read = on_read  # told each map read (the server learns revoked credentials from it)
         self._urls: set[str] = set()
         self._read_at = float("-inf")
         self._reading: asyncio.Task[None] | None = None
@@ -87,7 +90,10 @@ class PeerDirectory:
 
     async def _read_now(self, routes: RouteMapClient) -> None:
         try:
-            self._urls = {server.url for server in (await routes.routes()).servers}
+            read = await routes.routes()
+            self._urls = {server.url for server in read.servers}
+            if self.on_read is not None:
+                self.on_read(read)
         except RouteMapError as error:
             log.warning("cannot read the route map to check push targets: %s", error)
         finally:

@@ -21,6 +21,8 @@ Endpoints:
   POST /v1/forward    stateless forward: one frame in, one frame out
   POST /v1/backward   gradients of a forward's inputs (and deep prompts); weights stay frozen
   GET  /v1/weights-digest  SHA-256 of the span's weights
+  GET  /v1/identity?challenge=...  the server's id and public key, and the challenge signed with its key
+                      (the route map lists a server online only once its address answered this)
   GET  /v1/session    WebSocket of inference sessions (open / step / close frames)
   GET  /v1/push       WebSocket for the previous server of a client's chain to hand over a step (push.py)
 """
@@ -29,15 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-import uuid
+from pathlib import Path
 
 from aiohttp import web
 
 from llmswarm_core import wire
 from llmswarm_core.arch import kv_bytes_per_token, kv_shape
-from llmswarm_core.security import server_ssl_context, token_middleware
+from llmswarm_core.credentials import Role, Verifier
+from llmswarm_core.identity import ServerIdentity
+from llmswarm_core.routemap import RouteMap
+from llmswarm_core.security import OPEN_PATHS, access_middleware, server_ssl_context
 from llmswarm_node.announcer import Announcer
 from llmswarm_node.connections import ConnectionGate, GatedRunner
 from llmswarm_node.context import Node, ServerOptions
@@ -54,15 +58,23 @@ __all__ = ["BlockServer", "ServerOptions", "serve"]
 log = logging.getLogger("llmswarm.node")
 
 
+def _role_of(request: web.Request) -> Role | None:
+    """Probes, metrics and the identity proof are open; everything else needs the use role."""
+    return None if request.path in OPEN_PATHS else "use"
+
+
 class BlockServer:
     def __init__(self, span: SpanRunner, options: ServerOptions) -> None:
         limits = options.limits
         metrics = ServerMetrics()
         sessions = SessionTable(limits, kv_bytes_per_token(*kv_shape(span.source.config), span.dtype.itemsize))
+        identity = (ServerIdentity.load_or_create(Path(options.identity_file)) if options.identity_file
+                    else ServerIdentity.generate())
         self.node = Node(
             span=span,
             options=options,
-            id=options.server_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+            id=options.server_id or identity.server_id,
+            identity=identity,
             metrics=metrics,
             sessions=sessions,
             scheduler=Scheduler(span, options.batching, metrics, sessions.cycling, limits.compute_memory_bytes),
@@ -74,11 +86,22 @@ class BlockServer:
         metrics.kv_cache_limit.set(limits.kv_cache_bytes)
         metrics.info.labels(options.model_name, self.node.dtype_name, self.node.id).set(1)
         self.announcer = Announcer(options.swarm, options.token, options.tls_ca, self.node.id, self.node.model_info(),
-                                   self.node.record)
+                                   self.node.record, identity)
         self.gate = ConnectionGate(limits.max_connections, limits.header_timeout)
+        # Who may call it: the shared token, or, with an authority key, a credential of the swarm's authority holding
+        # `use` (revoked ones are learned from the route map with the push peers); the server's own token is then its
+        # credential to the route map and its peers, not a key to this server.
+        self.verifier = Verifier(options.authority_key, None if options.authority_key else options.token)
         self.http_handlers = HttpHandlers(self.node)
         self.session_handlers = SessionHandlers(self.node)
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _learn_revocations(self, routes: RouteMap) -> None:
+        """Credentials revoked at the route map are refused here from the next read on (every FRESH_SECONDS)."""
+        self.verifier.revoked = set(routes.revoked)
+
+    def _refused(self, reason: str) -> None:
+        self.node.metrics.auth_refusals.labels(reason).inc()
 
     @property
     def options(self) -> ServerOptions:
@@ -91,7 +114,7 @@ class BlockServer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.node.limits.max_message_bytes + FRAME_SLACK,
-                              middlewares=[self.gate.middleware, token_middleware(self.options.token)])
+                              middlewares=[self.gate.middleware, access_middleware(self.verifier, _role_of, self._refused)])
         self.http_handlers.add_routes(app)
         self.session_handlers.add_routes(app)
         app.on_startup.append(self._start_background)
@@ -100,7 +123,7 @@ class BlockServer:
 
     async def _start_background(self, app: web.Application) -> None:
         self._tasks.append(asyncio.create_task(self._expire_sessions()))
-        peers = self.announcer.peers()
+        peers = self.announcer.peers(self._learn_revocations)
         peers.keep_fresh(FRESH_SECONDS)
         self.session_handlers.pusher = Pusher(peers, self.options.token, self.options.tls_ca,
                                               timeout=self.node.limits.push_timeout)

@@ -42,14 +42,23 @@ from pydantic import ValidationError
 from llmswarm_control.adapter_routes import AdapterRoutes
 from llmswarm_control.adapters import AdapterLimits, AdapterStore
 from llmswarm_control.record_watch import ConfigMapRef, ConfigMapWatch
+from llmswarm_control.routemap_access import AdminRoutes, role_of
 from llmswarm_control.routemap_authority import Announcements, Authority, OperatorRecord
 from llmswarm_control.routetable import ModelMismatch
 from llmswarm_control.server_identities import IdentityBook, IdentityRefused
+from llmswarm_core.credentials import Verifier
 from llmswarm_core.defaults import ROUTE_MAP_PORT
 from llmswarm_core.identity import IdentityError
 from llmswarm_core.routemap import STATES, Announcement, IdentityProof, ModelInfo, RouteMap
 from llmswarm_core.routemap_client import LEAVE_HEADER, check_leave
-from llmswarm_core.security import TOKEN_ENV, client_ssl_context, token_from_env, token_middleware
+from llmswarm_core.security import (
+    AUTHORITY_ENV,
+    TOKEN_ENV,
+    access_middleware,
+    authority_from_env,
+    client_ssl_context,
+    token_from_env,
+)
 
 log = logging.getLogger("llmswarm_core.routemap")
 
@@ -83,8 +92,10 @@ class RouteMapMetrics:
                                 registry=self.registry)
         self._block_replicas = Gauge("llmswarm_block_replicas", "Online servers covering each block", ["block"],
                                      registry=self.registry)
-        self.refusals = Counter("llmswarm_routemap_refusals", "Announcements refused, by reason (content_type, invalid, "
-                                "span, throughput, model)", ["reason"], registry=self.registry)
+        self.refusals = Counter("llmswarm_routemap_refusals", "Requests refused, by reason: announcements "
+                                "(content_type, invalid, span, throughput, model, unsigned, signature, hijack, banned, "
+                                "address, leave) and credentials (credential: missing, unknown, expired or revoked; "
+                                "role: without the role the request needs)", ["reason"], registry=self.registry)
 
     def response(self, snapshot: RouteMap) -> web.Response:
         self._version.set(snapshot.version)
@@ -175,11 +186,14 @@ class RouteMapService:
     def __init__(self, authority: Authority, token: str | None = None, interval: float = 1.0,
                  poll: Callable[[], object] | None = None, clock: Callable[[], float] = time.monotonic,
                  identities: IdentityBook | None = None, tls_ca: str | None = None,
-                 adapters: AdapterStore | None = None) -> None:
+                 adapters: AdapterStore | None = None, authority_key: str | None = None) -> None:
         self.authority = authority
         self.adapters = adapters or AdapterStore()  # published LoRA adapters (adapters.py)
-        # Who may speak for which server id, and which addresses proved to be theirs (see server_identities).
-        self.identities = identities or IdentityBook(require_signatures=False, check_addresses=False)
+        # Who may speak for which server id, and which addresses proved to be theirs (see server_identities):
+        # signed announcements only, and a server is online once its address answered as it.
+        self.identities = identities or IdentityBook()
+        # Who may call it: the shared token (every role), or credentials signed by `authority_key` (routemap_access).
+        self.verifier = Verifier(authority_key, token)
         self._tls_ca = tls_ca
         self._proving: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self.token = token
@@ -192,10 +206,12 @@ class RouteMapService:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def announcements(cls, model: ModelInfo | None = None, token: str | None = None,
-                      interval: float = 1.0, adapters: AdapterStore | None = None) -> RouteMapService:
+    def announcements(cls, model: ModelInfo | None = None, token: str | None = None, interval: float = 1.0,
+                      adapters: AdapterStore | None = None, identities: IdentityBook | None = None,
+                      tls_ca: str | None = None, authority_key: str | None = None) -> RouteMapService:
         """Announcements only (the local substrate)."""
-        return cls(Announcements(model), token, interval, adapters=adapters)
+        return cls(Announcements(model), token, interval, adapters=adapters, identities=identities, tls_ca=tls_ca,
+                   authority_key=authority_key)
 
     #: With a record in a ConfigMap: the watch that brings each new one through the API (see record_watch).
     watch: ConfigMapWatch | None = None
@@ -203,11 +219,13 @@ class RouteMapService:
 
     @classmethod
     def from_record(cls, path: Path, token: str | None = None, interval: float = 1.0,
-                    configmap: ConfigMapRef | None = None) -> RouteMapService:
+                    configmap: ConfigMapRef | None = None, identities: IdentityBook | None = None,
+                    tls_ca: str | None = None) -> RouteMapService:
         """The operator's record in `path` plus announcements (Kubernetes); with `configmap`, the same record
         watched through the API as well (the newer of the two counts: the mounted file lags a minute)."""
         authority = OperatorRecord()
-        service = cls(authority, token, interval, poll=RecordFile(path, lambda routes: authority.load(routes, "file")).poll)
+        service = cls(authority, token, interval, poll=RecordFile(path, lambda routes: authority.load(routes, "file")).poll,
+                      identities=identities, tls_ca=tls_ca)
         if configmap is not None:
             def from_api(routes: RouteMap) -> None:
                 authority.load(routes, "api")
@@ -216,7 +234,9 @@ class RouteMapService:
         return service
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[token_middleware(self.token)])
+        refused = self.metrics_.refusals.labels
+        app = web.Application(client_max_size=MAX_BODY_BYTES,
+                              middlewares=[access_middleware(self.verifier, role_of, lambda why: refused(why).inc())])
         app.router.add_get("/v1/routes", self.routes)
         app.router.add_post("/v1/servers", self.announce)
         app.router.add_delete("/v1/servers/{server_id}", self.leave)
@@ -225,6 +245,7 @@ class RouteMapService:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         AdapterRoutes(self.adapters, lambda: self.published.model).add_routes(app)
+        AdminRoutes(self.identities, self.verifier, self.authority.leave, self._republish).add_routes(app)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -259,8 +280,13 @@ class RouteMapService:
             await asyncio.sleep(self.interval)
             self.tick()
 
+    def _republish(self) -> None:
+        self.published = self.authority.snapshot()
+
     async def routes(self, request: web.Request) -> web.Response:
-        return web.json_response(self.published.model_dump())
+        routes = self.published.model_dump()
+        routes["revoked"] = sorted(self.verifier.revoked)
+        return web.json_response(routes)
 
     async def announce(self, request: web.Request) -> web.Response:
         try:
@@ -349,9 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval", "--reload-interval", type=float, default=1.0,
                         help="seconds between re-reads of --routes and expiries of silent servers")
     parser.add_argument("--token", help=f"swarm token required on /v1 requests (default: ${TOKEN_ENV})")
+    parser.add_argument("--authority-key", help="the public key that signs the swarm's credentials (llmswarm "
+                                                f"credentials): their roles are checked (default: ${AUTHORITY_ENV})")
     parser.add_argument("--configmap", help="with --routes: also watch this ConfigMap (its routes.json) through the Kubernetes API "
                                             "with the pod's service account, so a new record counts within a second")
     parser.add_argument("--namespace", help="the ConfigMap's namespace (default: the service account's)")
+    parser.add_argument("--tls-ca", help="CA bundle (PEM) to verify https servers against when they prove their address")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="list servers whose announcements are not signed (servers that predate identities), and "
+                             "without checking that their address answers as them: anyone with the join credential "
+                             "can then speak for any server")
     limits = AdapterLimits()
     parser.add_argument("--max-adapter-bytes", type=int, default=limits.max_adapter_bytes,
                         help="largest published LoRA adapter (a safetensors file)")
@@ -364,11 +397,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = token_from_env(args.token)
+    authority_key = authority_from_env(args.authority_key)
     configmap = ConfigMapRef.in_cluster(args.configmap, args.namespace) if args.configmap else None
-    service = (RouteMapService.from_record(args.routes, token, args.interval, configmap) if args.routes
-               else RouteMapService.announcements(token=token, interval=args.interval))
+    identities = (IdentityBook(require_signatures=False, check_addresses=False) if args.allow_unsigned
+                  else IdentityBook())
+    service = (RouteMapService.from_record(args.routes, token, args.interval, configmap, identities, args.tls_ca)
+               if args.routes else
+               RouteMapService.announcements(token=token, interval=args.interval, identities=identities,
+                                             tls_ca=args.tls_ca))
     # Without the model's blocks at hand, published adapters are checked for their own consistency here and
     # against the real modules by each server as it loads its span's rows.
+    service.verifier.authority_key = authority_key
     service.adapters = AdapterStore(AdapterLimits(args.max_adapter_bytes, args.adapter_store_bytes))
     web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None)
     return 0

@@ -35,12 +35,15 @@ class IdentityBook:
     check_addresses: bool = True
     keys: dict[str, str] = field(default_factory=dict)  # server id -> the public key that speaks for it
     proven: set[tuple[str, str, str]] = field(default_factory=set)  # (id, url, key) whose address answered
+    banned: set[str] = field(default_factory=set)  # server ids an admin banned: refused for the map's life
 
     def admit(self, announcement: Announcement) -> Announcement:
         """The announcement as the map may take it (``online`` held back as ``joining`` until the address is
         proven); raises IdentityRefused for an unsigned one (where signatures are required), a bad
         signature, or an id that another key holds."""
         server_id, key = announcement.server.id, announcement.public_key
+        if server_id in self.banned:
+            raise IdentityRefused("banned", f"server id {server_id} is banned from this swarm")
         if key is None:
             if self.require_signatures:
                 raise IdentityRefused("unsigned", "announcements must be signed by the server's key")

@@ -59,14 +59,17 @@ class LocalSwarmOptions:
     tls_cert: str | None = None  # serve the route map and the servers over HTTPS
     tls_key: str | None = None
     tls_ca: str | None = None  # CA bundle the servers use to verify the route map
+    authority_key: str | None = None  # credentials signed by this key are checked for their roles (credentials.py)
 
 
 class _RouteMapThread:
     """The route-map service on its own event loop in a background thread."""
 
     def __init__(self, host: str, port: int, model: ModelInfo, token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, adapters: AdapterStore | None = None) -> None:
-        self.service = RouteMapService.announcements(model, token=token, adapters=adapters)
+                 ssl_context: ssl.SSLContext | None = None, adapters: AdapterStore | None = None,
+                 tls_ca: str | None = None, authority_key: str | None = None) -> None:
+        self.service = RouteMapService.announcements(model, token=token, adapters=adapters, tls_ca=tls_ca,
+                                                     authority_key=authority_key)
         self._ssl = ssl_context
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -119,6 +122,7 @@ class LocalSwarm:
         self.num_blocks = 0
         self.log_dir: Path | None = None
         self._routemap: _RouteMapThread | None = None
+        self._identities: tempfile.TemporaryDirectory[str] | None = None
         self._lock = threading.Lock()
         self.url = ""
 
@@ -131,10 +135,13 @@ class LocalSwarm:
         context = server_ssl_context(o.tls_cert, o.tls_key)
         # Published adapters are checked against the model's own block modules (adapters.py)
         adapters = AdapterStore(shapes=model_block_modules(source.config)[0])
-        self._routemap = _RouteMapThread(o.host, o.port, model, o.token, context, adapters)
+        self._routemap = _RouteMapThread(o.host, o.port, model, o.token, context, adapters, o.tls_ca, o.authority_key)
         self.url = f"{'https' if context else 'http'}://{o.host}:{self._routemap.port}"
         self.log_dir = o.log_dir or Path(tempfile.mkdtemp(prefix="llmswarm-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Each server's key (its announcements are signed): kept while the swarm runs, so that a restarted
+        # `local-N` speaks for its id again; removed with the swarm.
+        self._identities = tempfile.TemporaryDirectory(prefix="llmswarm-identities-")
         for index, span in enumerate(spans):
             self.start_server(span, self.log_dir / f"server-{index}-{span.start}-{span.end}.log", f"local-{index}")
         self.wait_online(len(spans))
@@ -151,6 +158,7 @@ class LocalSwarm:
         command = [
             sys.executable, "-m", "llmswarm_node.main", "--model", o.model, "--blocks", str(span),
             "--host", o.host, "--port", "0", "--swarm", self.url, "--server-id", server_id,
+            "--identity-file", str(self.identity_file(server_id)),
             "--dtype", o.dtype, "--quiet", *o.server_args,
         ]
         if o.threads:
@@ -159,6 +167,8 @@ class LocalSwarm:
             command += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key]
         if o.tls_ca:
             command += ["--tls-ca", o.tls_ca]
+        if o.authority_key:
+            command += ["--authority-key", o.authority_key]
         env = {**os.environ, **shared_cores_env(os.environ), "TOKENIZERS_PARALLELISM": "false"}
         if o.token:
             env[TOKEN_ENV] = o.token  # not on the command line, where `ps` would show it
@@ -171,6 +181,11 @@ class LocalSwarm:
             self.spans.append(span)
             self.server_ids.append(server_id)
         return process
+
+    def identity_file(self, server_id: str) -> Path:
+        """Where server `server_id` keeps its key while the swarm runs."""
+        assert self._identities is not None, "the swarm is not started"
+        return Path(self._identities.name) / f"{server_id}.pem"
 
     def index_of(self, server_id: str) -> int:
         """The newest process started under `server_id`."""
@@ -261,6 +276,9 @@ class LocalSwarm:
         if self._routemap is not None:
             self._routemap.stop()
             self._routemap = None
+        if self._identities is not None:
+            self._identities.cleanup()
+            self._identities = None
 
     def __enter__(self) -> LocalSwarm:
         return self.start()

@@ -37,6 +37,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "Deployment": ("apps/v1", "deployments", True),
     "Service": ("v1", "services", True),
     "ConfigMap": ("v1", "configmaps", True),
+    "Secret": ("v1", "secrets", True),
     "Pod": ("v1", "pods", True),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets", True),
     "Event": ("v1", "events", True),

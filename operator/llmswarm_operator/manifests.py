@@ -34,6 +34,9 @@ ANNOTATION_SPAN = "llmswarm.dev/span"
 ANNOTATION_DRAINING = "llmswarm.dev/draining-since"
 COMPONENT_SERVER = "block-server"
 COMPONENT_ROUTEMAP = "route-map"
+COMPONENT_IDENTITY = "server-identity"
+IDENTITY_DIR = "/var/run/llmswarm/identity"
+IDENTITY_KEY = "key.pem"
 ROUTES_FILE = "routes.json"
 ASSIGNMENT_FILE = "assignment.json"  # see assignment.py
 ROUTES_DIR = "/etc/llmswarm"
@@ -168,6 +171,7 @@ def server_args(owner: Owner, spec: SwarmSpec, cost: BlockCost, server: DesiredS
         "--public-url", server_url(owner, server, spec, settings),
         "--swarm", routemap_url(owner, spec, settings),
         "--server-id", server.name,
+        "--identity-file", f"{IDENTITY_DIR}/{IDENTITY_KEY}",
         "--dtype", model.dtype,
         "--quiet",
     ]
@@ -276,9 +280,11 @@ def server_deployment(
         "startupProbe": _http_probe("/healthz", 10, 180),
         "livenessProbe": _http_probe("/healthz", 20, 3),
         "readinessProbe": _http_probe("/readyz", 5, 2),
-        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR},
+                         {"name": "identity", "mountPath": IDENTITY_DIR, "readOnly": True}],
     }
-    pod_spec = _hardened_pod(spec, settings, [container], [{"name": "cache", "emptyDir": {}}])
+    identity = {"name": "identity", "secret": {"secretName": identity_secret_name(server.name), "defaultMode": 0o400}}
+    pod_spec = _hardened_pod(spec, settings, [container], [{"name": "cache", "emptyDir": {}}, identity])
     pod_spec["terminationGracePeriodSeconds"] = 60
     pod_spec.update(_spread(owner, server))
     if pool.runtime_class_name:
@@ -310,6 +316,23 @@ def server_deployment(
                 "spec": pod_spec,
             },
         },
+    }
+
+
+def identity_secret_name(server: str) -> str:
+    return f"{server}-identity"
+
+
+def identity_secret(owner: Owner, server: str, private_key_pem: bytes) -> Body:
+    """A server's Ed25519 key (identity.py), made once by the operator and never rewritten: every pod of the
+    server, through rollouts and restarts, speaks for the same id with it. Deleted with the server."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(owner, identity_secret_name(server),
+                          labels(owner.name, COMPONENT_IDENTITY, **{LABEL_SERVER: server})),
+        "data": {IDENTITY_KEY: base64.b64encode(private_key_pem).decode()},
     }
 
 

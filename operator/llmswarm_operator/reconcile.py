@@ -16,11 +16,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from llmswarm_core.identity import ServerIdentity
 from llmswarm_core.routemap import ModelInfo, RouteMap
 from llmswarm_core.spans import Span, coverage
 from llmswarm_operator import manifests as m
 from llmswarm_operator.assignment import Assignment, fits
-from llmswarm_operator.kubeapi import KubeClient, OwnershipConflict, apply
+from llmswarm_operator.kubeapi import Conflict, KubeClient, OwnershipConflict, apply
 from llmswarm_operator.planner import ExistingServer, ServerEntry, online_coverage, plan_servers, ready_servers, route_map
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import Seen, conflict_message, find_condition, invalid_status, swarm_status
@@ -143,6 +144,8 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
                 m.server_disruption_budget(owner, fewest)):
         await _apply(kube, obj, outcome, listed)
     for server in desired:
+        if ("Deployment", server.name) not in listed:  # a new server: its key first (its pods mount it)
+            await _create_identity(kube, owner, server.name, outcome)
         if await _apply(kube, m.server_deployment(owner, spec, cost, server, settings), outcome, listed) == "created":
             outcome.events.append(("Normal", "ServerCreated", f"server {server.name} for blocks [{server.span.start}, "
                                    f"{server.span.end}) in pool {server.pool}"))
@@ -157,8 +160,9 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
         await kube.patch("Deployment", namespace, server_name, {"metadata": {"annotations": {m.ANNOTATION_DRAINING: None}}})
         outcome.count("undrained Deployment")
     for server_name in plan.delete:
-        for kind in ("Deployment", "Service"):
-            if await kube.delete(kind, namespace, server_name):
+        for kind, object_name in (("Deployment", server_name), ("Service", server_name),
+                                  ("Secret", m.identity_secret_name(server_name))):
+            if await kube.delete(kind, namespace, object_name):
                 outcome.count(f"deleted {kind}")
         outcome.events.append(("Normal", "ServerRemoved", f"server {server_name} removed"))
     keep = {e.name for e in plan.entries} | {m.routemap_name(name)}
@@ -191,6 +195,17 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     if outcome.conflicts and conflict_message(outcome.conflicts) != (find_condition(previous, "Degraded") or {}).get("message"):
         outcome.events.append(("Warning", "ObjectConflict", conflict_message(outcome.conflicts)))
     return outcome
+
+
+async def _create_identity(kube: KubeClient, owner: m.Owner, server: str, outcome: Outcome) -> None:
+    """Create new server `server`'s key Secret. One that exists is kept: the operator never reads Secrets (its
+    role may create and delete them only), and a new key would be a new identity, refused by the route map as a
+    hijack of the server's id."""
+    try:
+        await kube.create(m.identity_secret(owner, server, ServerIdentity.generate().private_pem()))
+    except Conflict:
+        return
+    outcome.count("created Secret")
 
 
 async def _apply(kube: KubeClient, obj: Body, outcome: Outcome, listed: Mapping[tuple[str, str], Body | None]) -> str:

@@ -47,6 +47,7 @@ BUILTINS = {
     "v1/pods": kmock.ResourceInfo(singular="pod", kind="Pod", namespaced=True, verbs=VERBS, shortnames={"po"}, subresources={"status"}),
     "v1/services": kmock.ResourceInfo(singular="service", kind="Service", namespaced=True, verbs=VERBS, shortnames={"svc"}),
     "v1/configmaps": kmock.ResourceInfo(singular="configmap", kind="ConfigMap", namespaced=True, verbs=VERBS, shortnames={"cm"}),
+    "v1/secrets": kmock.ResourceInfo(singular="secret", kind="Secret", namespaced=True, verbs=VERBS),
     "v1/events": kmock.ResourceInfo(singular="event", kind="Event", namespaced=True, verbs=VERBS, shortnames={"ev"}),
     "apps/v1/deployments": kmock.ResourceInfo(singular="deployment", kind="Deployment", namespaced=True, verbs=VERBS, shortnames={"deploy"},
                                               subresources={"status"}),

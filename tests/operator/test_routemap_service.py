@@ -11,10 +11,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from llmswarm_control.routemap_service import RouteMapService, main
+from llmswarm_control.server_identities import IdentityBook
 from llmswarm_core.routemap import Announcement, ModelInfo, RouteMap, ServerRecord
+from tests.helpers import serving as serving_app
 
 MODEL = ModelInfo(name="SmolLM2-135M-Instruct", num_blocks=30, hidden_size=576)
 
@@ -27,22 +28,21 @@ def write(path: Path, version: int, *servers: ServerRecord) -> None:
     path.write_text(RouteMap(model=MODEL, version=version, servers=list(servers)).model_dump_json())
 
 
-@contextlib.asynccontextmanager
-async def serving(service: RouteMapService) -> AsyncIterator[str]:
-    runner = web.AppRunner(service.app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+def serving(service: RouteMapService) -> contextlib.AbstractAsyncContextManager[str]:
+    """Run the route-map service on a free port of 127.0.0.1; yields its base URL."""
+    return serving_app(service.app())
+
+
+def unchecked() -> IdentityBook:
+    """A route map that takes unsigned announcements of addresses nobody checks (these tests' servers are names)."""
+    return IdentityBook(require_signatures=False, check_addresses=False)
 
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     path = tmp_path / "routes.json"
     write(path, 4, record("a", 0, 15, "online"), record("b", 15, 30, "joining"))
-    async with serving(RouteMapService.from_record(path, interval=0.05)) as url:
+    async with serving(RouteMapService.from_record(path, interval=0.05, identities=unchecked())) as url:
         yield url, path
 
 
@@ -119,7 +119,8 @@ async def eventually(check: Any, timeout: float = 5.0) -> Any:
 async def test_token_is_required_when_set(tmp_path: Path) -> None:
     path = tmp_path / "routes.json"
     write(path, 1, record("a", 0, 30, "online"))
-    async with serving(RouteMapService.from_record(path, "t0ken", interval=0.05)) as url, aiohttp.ClientSession() as http:
+    service = RouteMapService.from_record(path, "t0ken", interval=0.05, identities=unchecked())
+    async with serving(service) as url, aiohttp.ClientSession() as http:
         async with http.get(f"{url}/v1/routes") as response:
             assert response.status == 401
             assert await response.json() == {"error": "unauthorized"}
@@ -139,8 +140,8 @@ async def test_token_is_required_when_set(tmp_path: Path) -> None:
 async def test_both_authorities_serve_the_same_api(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "routes.json"
     write(path, 1, record("a", 0, 15, "joining"), record("b", 15, 30, "joining"))
-    service = (RouteMapService.from_record(path, interval=0.05) if mode == "record"
-               else RouteMapService.announcements(MODEL, interval=0.05))
+    service = (RouteMapService.from_record(path, interval=0.05, identities=unchecked()) if mode == "record"
+               else RouteMapService.announcements(MODEL, interval=0.05, identities=unchecked()))
     async with serving(service) as url, aiohttp.ClientSession() as http:
         for server in (record("a", 0, 15, "online"), record("b", 15, 30, "online")):
             status, answer = await announce(http, url, server)
@@ -178,7 +179,7 @@ async def test_both_authorities_serve_the_same_api(tmp_path: Path, mode: str) ->
 
 async def test_not_ready_until_the_record_is_read(tmp_path: Path) -> None:
     path = tmp_path / "routes.json"  # the operator has not written its ConfigMap yet
-    async with serving(RouteMapService.from_record(path, interval=0.05)) as url, aiohttp.ClientSession() as http:
+    async with serving(RouteMapService.from_record(path, interval=0.05, identities=unchecked())) as url, aiohttp.ClientSession() as http:
         async with http.get(f"{url}/readyz") as response:
             assert response.status == 503
         async with http.get(f"{url}/healthz") as response:
@@ -206,8 +207,8 @@ async def test_no_announcement_however_malformed_breaks_the_map_for_others(tmp_p
     """Each refusal is a 4xx with its reason counted; /v1/routes keeps answering with the servers it had."""
     path = tmp_path / "routes.json"
     write(path, 1, record("a", 0, 15, "joining"))
-    service = (RouteMapService.from_record(path, interval=0.05) if mode == "record"
-               else RouteMapService.announcements(MODEL, interval=0.05))
+    service = (RouteMapService.from_record(path, interval=0.05, identities=unchecked()) if mode == "record"
+               else RouteMapService.announcements(MODEL, interval=0.05, identities=unchecked()))
     good = Announcement(model=MODEL, server=record("a", 0, 15, "online"), ttl=30).model_dump()
     server = good["server"]
     bad_bodies = {

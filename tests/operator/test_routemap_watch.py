@@ -22,7 +22,7 @@ from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.swarm_spec import parse_spec
 from tests.operator.cluster import running_cluster
 from tests.operator.conftest import Cluster, Operator, eventually
-from tests.operator.test_routemap_service import announce, get_routes, serving
+from tests.operator.test_routemap_service import announce, get_routes, serving, unchecked
 
 MODEL = ModelInfo(name="SmolLM2-135M-Instruct", num_blocks=30, hidden_size=576)
 NAME = "demo-routemap"
@@ -54,7 +54,8 @@ async def test_the_api_record_wins_over_a_stale_file(tmp_path: Path) -> None:
         kube.use(kopf.ConnectionInfo(server=url))
         try:
             await kube.create(configmap(first))
-            service = RouteMapService.from_record(path, interval=0.05, configmap=ConfigMapRef(url, "default", NAME))
+            service = RouteMapService.from_record(path, interval=0.05, configmap=ConfigMapRef(url, "default", NAME),
+                                                  identities=unchecked())
             async with serving(service) as base, aiohttp.ClientSession() as http:
                 assert {s.id for s in (await get_routes(http, base)).servers} == {"a", "b"}
                 # The rollout: b2 joins and comes online, b drains, then the operator deletes b.
