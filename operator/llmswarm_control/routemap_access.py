@@ -7,7 +7,7 @@
   here at once and at every block server within a few seconds: the map lists revoked ids
   (``RouteMap.revoked``) and servers read it with their push peers.
 
-Probes, ``/metrics`` and ``/v1/targets`` (Prometheus' service discovery) stay open.
+Probes and ``/metrics`` stay open; ``/v1/targets`` (Prometheus' service discovery) lists addresses: ``use``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from llmswarm_control.server_identities import IdentityBook
 from llmswarm_core.credentials import Role, Verifier
 from llmswarm_core.security import OPEN_PATHS
 
-OPEN = OPEN_PATHS | {"/v1/targets"}
 MAX_REVOKED = 10_000  # revoked credential ids the map lists (beyond it, rotate the authority key)
 _ID = r"^[A-Za-z0-9_.:-]{1,256}$"
 T = TypeVar("T", bound=BaseModel)
@@ -31,7 +30,7 @@ T = TypeVar("T", bound=BaseModel)
 def role_of(request: web.Request) -> Role | None:
     """The role a route-map request needs (None: open)."""
     path = request.path
-    if path in OPEN:
+    if path in OPEN_PATHS:
         return None
     if path.startswith("/v1/admin/"):
         return "admin"

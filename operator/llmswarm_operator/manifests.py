@@ -283,7 +283,8 @@ def server_deployment(
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR},
                          {"name": "identity", "mountPath": IDENTITY_DIR, "readOnly": True}],
     }
-    identity = {"name": "identity", "secret": {"secretName": identity_secret_name(server.name), "defaultMode": 0o400}}
+    # Read-only for the pod's user and its fsGroup (the file's group): nobody else.
+    identity = {"name": "identity", "secret": {"secretName": identity_secret_name(server.name), "defaultMode": 0o440}}
     pod_spec = _hardened_pod(spec, settings, [container], [{"name": "cache", "emptyDir": {}}, identity])
     pod_spec["terminationGracePeriodSeconds"] = 60
     pod_spec.update(_spread(owner, server))

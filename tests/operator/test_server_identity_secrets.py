@@ -46,7 +46,7 @@ async def test_every_server_gets_its_own_key_once_and_loses_it_with_the_server(c
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
         volume = next(v for v in pod["volumes"] if v["name"] == "identity")
-        assert volume["secret"] == {"secretName": m.identity_secret_name(server), "defaultMode": 0o400}
+        assert volume["secret"] == {"secretName": m.identity_secret_name(server), "defaultMode": 0o440}
         assert {"name": "identity", "mountPath": m.IDENTITY_DIR, "readOnly": True} in container["volumeMounts"]
         args = container["args"]
         assert args[args.index("--identity-file") + 1] == f"{m.IDENTITY_DIR}/{m.IDENTITY_KEY}"
