@@ -12,7 +12,8 @@ so that a killed server's blocks are still served while it restarts. For ``--sec
 - a misbehaving client fires malformed frames (garbage, huge header integers, unknown kinds,
   truncated tensors) and oversized requests (declared sizes past the limits, too many tokens) at
   random servers, and counts how each was refused (its error code or HTTP status; a connection
-  that dropped or hung is counted as such, which is a defect);
+  that dropped or hung is counted as such, which is a defect, unless the soak had SIGKILLed that
+  server: ``KILLED_MID_REQUEST``);
 - idle connections are opened (half an HTTP header; WebSocket sessions that never send) and
   held: the servers should close them (``idle_closed_by_server``).
 
@@ -86,6 +87,7 @@ class Soak:
         self.idle_opened = 0
         self.idle_closed = 0
         self.peak_rss: dict[str, int] = {}
+        self.killed_urls: set[str] = set()  # servers the soak SIGKILLed: a request cut by the kill is no defect
         self.rng = random.Random(args.seed)
 
     def running(self) -> bool:
@@ -117,6 +119,9 @@ class Soak:
             live = [i for i, p in enumerate(swarm.processes) if p.poll() is None and i not in swarm.retired]
             victim = self.rng.choice(live)
             span = swarm.spans[victim]
+            urls = [s.url for s in swarm.routes().servers if s.id == swarm.server_ids[victim]]
+            with self.lock:
+                self.killed_urls.update(urls)  # a request to it that drops from now on was cut by the kill
             swarm.kill(victim, signal.SIGKILL)
             swarm.retired.add(victim)
             index = len(swarm.processes)
@@ -173,9 +178,16 @@ class Soak:
         except TimeoutError:
             return "session:TIMEOUT"
         except ConnectionClosed:
-            return "session:DROPPED"
+            return self.dropped("session", url)
         except (OSError, wire.ProtocolError) as error:
             return f"session:{type(error).__name__}"
+
+    def dropped(self, kind: str, url: str) -> str:
+        """A connection that ended without an answer: a defect, unless the soak had killed that server."""
+        time.sleep(0.5)  # a kill in progress is recorded just before the SIGKILL
+        with self.lock:
+            killed = url in self.killed_urls
+        return f"{kind}:KILLED_MID_REQUEST" if killed else f"{kind}:DROPPED"
 
     def post_forward(self, server: object, name: str) -> str:
         url = server.url  # type: ignore[attr-defined]
@@ -190,7 +202,7 @@ class Soak:
         except requests.Timeout:
             return "http:TIMEOUT"
         except requests.ConnectionError:
-            return "http:DROPPED"
+            return self.dropped("http", url)
         with contextlib.suppress(Exception):
             return f"http:{response.status_code}:{wire.decode(response.content).header.get('code', '?')}"
         return f"http:{response.status_code}"
