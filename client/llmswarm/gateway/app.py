@@ -208,12 +208,12 @@ class Gateway:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_request(ChatCompletionRequest, await self._json(request))
-        model = self.engine.check_model(req.model)
+        model, adapter = await asyncio.to_thread(self.engine.resolve_model, req.model)
         with self.engine.admission() as slot:  # admitted before the work of templating and tokenizing
             prompt = await asyncio.to_thread(self.engine.encode_chat, req.messages)
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             budget = self.engine.completion_budget(len(prompt), req.token_limit(), None, param)
-            job = self._submit(slot, req, prompt, budget, request.get(API_KEY))
+            job = self._submit(slot, req, prompt, budget, request.get(API_KEY), adapter)
         id_, created = new_id("chatcmpl"), now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -228,12 +228,12 @@ class Gateway:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_request(CompletionRequest, await self._json(request))
-        model = self.engine.check_model(req.model)
+        model, adapter = await asyncio.to_thread(self.engine.resolve_model, req.model)
         prompt_in = req.prompt_text_or_ids()
         with self.engine.admission() as slot:  # admitted before the work of tokenizing
             prompt = await asyncio.to_thread(self.engine.encode_prompt, prompt_in)
             budget = self.engine.completion_budget(len(prompt), req.max_tokens, 16, "max_tokens")
-            job = self._submit(slot, req, prompt, budget, request.get(API_KEY))
+            job = self._submit(slot, req, prompt, budget, request.get(API_KEY), adapter)
         echo = (prompt_in if isinstance(prompt_in, str) else self.engine.decode(prompt)) if req.echo else ""
         id_, created = new_id("cmpl"), now()
         if req.stream:
@@ -249,7 +249,7 @@ class Gateway:
         return web.Response(body=body.model_dump_json(), content_type="application/json")
 
     def _submit(self, slot: Admission, req: ChatCompletionRequest | CompletionRequest, prompt: list[int], budget: int,
-                request_key: str | None = None) -> Job:
+                request_key: str | None = None, adapter: str | None = None) -> Job:
         params = SamplingParams(
             max_tokens=budget,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -260,6 +260,7 @@ class Gateway:
             frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=self.engine.logit_bias(req.logit_bias),
             api_key=request_key,
+            adapter=adapter,
         )
         return slot.submit(prompt, params)
 
@@ -276,16 +277,22 @@ class Gateway:
         finally:
             job.cancel("disconnected")  # a no-op once finished
 
-    def _model_card(self) -> ModelCard:
-        return ModelCard(id=self.engine.model_name, created=self.created)
+    def _model_card(self, name: str | None = None) -> ModelCard:
+        return ModelCard(id=name or self.engine.model_name, created=self.created)
 
     async def list_models(self, request: web.Request) -> web.Response:
+        """The model, and the model with each adapter published to the swarm (``base:adapter``)."""
         self.engine.check_model(self.engine.model_name)
-        return web.Response(body=ModelList(data=[self._model_card()]).model_dump_json(), content_type="application/json")
+        try:
+            adapters = await asyncio.to_thread(self.engine.published_adapters)
+        except ApiError:  # the route map cannot be read just now: the model itself is still served
+            adapters = set()
+        cards = [self._model_card(), *(self._model_card(f"{self.engine.model_name}:{name}") for name in sorted(adapters))]
+        return web.Response(body=ModelList(data=cards).model_dump_json(), content_type="application/json")
 
     async def get_model(self, request: web.Request) -> web.Response:
-        self.engine.check_model(request.match_info["model"])
-        return web.Response(body=self._model_card().model_dump_json(), content_type="application/json")
+        name, _ = await asyncio.to_thread(self.engine.resolve_model, request.match_info["model"])
+        return web.Response(body=self._model_card(name).model_dump_json(), content_type="application/json")
 
     # ---- page, probes, metrics ---------------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.FileResponse:

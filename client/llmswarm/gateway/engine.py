@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,8 +37,12 @@ from llmswarm.gateway.openai_schema import ChatMessage, FinishReason
 from llmswarm.gateway.options import GatewayOptions
 from llmswarm.gateway.sampling import OpenAIPenalties, SeededSampler, request_generator
 from llmswarm.gateway.text import TextTracker
+from llmswarm_core.lora import ADAPTER_NAME
 
 log = logging.getLogger("llmswarm.gateway")
+
+
+PUBLISHED_SECONDS = 5.0  # how long the gateway trusts its read of the published adapters
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     api_key: str | None = None  # the name of the API key that asked (usage metrics)
+    adapter: str | None = None  # a published LoRA adapter to generate with (`model: "base:adapter"`)
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,8 @@ class Engine:
         self._outstanding = 0  # admitted and not finished (queued + running)
         self._closing = threading.Event()
         self._jobs: set[Job] = set()
+        self._views: dict[str, Any] = {}  # adapter name -> the model generating with it (shares every weight)
+        self._published: tuple[float, set[str]] = (float("-inf"), set())  # when read, the published adapters
         if model is not None:
             self._use(model)
 
@@ -232,6 +240,42 @@ class Engine:
         if name not in self.aliases:
             raise model_not_found(name)
         return self.model_name
+
+    def resolve_model(self, name: str) -> tuple[str, str | None]:
+        """A request's `model`: the base model (served name, None), or ``base:adapter`` with an adapter published
+        to the swarm (``served:adapter``, the adapter); anything else is refused as a model that does not exist."""
+        base, colon, adapter = name.partition(":")
+        if not colon:
+            return self.check_model(name), None
+        self.check_model(base)
+        if not re.fullmatch(ADAPTER_NAME, adapter) or adapter not in self.published_adapters():
+            raise model_not_found(name)
+        return f"{self.model_name}:{adapter}", adapter
+
+    def published_adapters(self) -> set[str]:
+        """The names of the swarm's published adapters, read again at most every PUBLISHED_SECONDS."""
+        from llmswarm.errors import SwarmError
+        from llmswarm.publish import published
+
+        read_at, names = self._published
+        if time.monotonic() - read_at >= PUBLISHED_SECONDS:
+            try:
+                names = {entry["name"] for entry in published(self.model.client)}
+            except SwarmError as error:
+                raise unavailable(f"The swarm's adapters cannot be read: {error}") from None
+            self._published = (time.monotonic(), names)
+        return names
+
+    def _model_for(self, adapter: str | None) -> Any:
+        """The model generating with `adapter` (its sessions name it): a shallow copy sharing every weight."""
+        if adapter is None:
+            return self.model
+        with self._lock:
+            if adapter not in self._views:
+                view = copy.copy(self.model)
+                view.adapter = adapter
+                self._views[adapter] = view
+            return self._views[adapter]
 
     # ---- prompts -----------------------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
@@ -340,7 +384,8 @@ class Engine:
         from llmswarm.errors import SwarmError
         from llmswarm_core.wire import ProtocolError
 
-        model, params = self.model, job.params
+        params = job.params
+        model = self._model_for(params.adapter)
         prompt_length = len(job.prompt_ids)
         tracker = TextTracker(self.decode, params.stop)
         watcher = _Watcher(job, tracker, model, self.metrics)
