@@ -132,3 +132,37 @@ def test_credentials_cli_issues_what_the_authority_verifies(tmp_path) -> None:
     assert principal is not None and principal.name == "ada" and principal.roles == {"use", "join"}
     bad = subprocess.run([*run, "issue", "--authority-file", str(key), "--roles", "root"], capture_output=True, text=True)
     assert bad.returncode == 2 and "roles must be some of" in bad.stderr
+
+
+def test_publications_belong_to_the_credential_that_made_them(smollm2) -> None:
+    """With credentials, the publisher of an adapter is the credential's holder (no key to keep): only that holder
+    or an admin replaces or deletes it (issue #17)."""
+    from llmswarm.publish import upload_body
+    from llmswarm_control.adapters import AdapterStore
+    from llmswarm_core.lora import LoraSpec, model_block_modules
+    from tests.test_adapter_publishing import peft_state
+
+    authority = Authority(ServerIdentity.generate())
+    ada, bob, admin = authority.issue("ada", ["use"]), authority.issue("bob", ["use"]), authority.issue("ops", ["admin"])
+    shapes = model_block_modules(smollm2.config)[0]
+    thread = _RouteMapThread("127.0.0.1", 0, ModelInfo(name="SmolLM2-135M-Instruct", num_blocks=30, hidden_size=576),
+                             adapters=AdapterStore(shapes=shapes), authority_key=authority.public_key)
+    url = f"http://127.0.0.1:{thread.port}/v1/adapters/shared"
+    body = upload_body(peft_state(), LoraSpec(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]), "SmolLM2-135M-Instruct")
+
+    def publish(token: str, replace: bool = False) -> requests.Response:
+        return requests.post(url + ("?replace=1" if replace else ""), data=body, timeout=30,
+                             headers={**bearer(token), "Content-Type": "application/octet-stream",
+                                      "X-Llmswarm-Publisher": "someone-else"})
+    try:
+        created = publish(ada)
+        assert created.status_code == 201 and created.json()["publisher"] == "ada"  # the credential's, not the header's
+        assert publish(bob, replace=True).status_code == 403
+        assert requests.delete(url, headers=bearer(bob), timeout=10).status_code == 403
+        assert publish(ada, replace=True).status_code == 201
+        assert requests.delete(url, headers=bearer(admin), timeout=10).json() == {"deleted": "shared"}
+        assert requests.get(url, headers=bearer(ada), timeout=10).status_code == 404
+        assert publish(bob).status_code == 201  # the name is free again
+        assert requests.delete(url, headers=bearer(bob), timeout=10).status_code == 200
+    finally:
+        thread.stop()

@@ -50,9 +50,10 @@ def token_middleware(token: str | None, open_paths: frozenset[str] = OPEN_PATHS)
     return access_middleware(Verifier(shared_token=token), lambda request: None if request.path in open_paths else "use")
 
 
-def access_middleware(verifier: Verifier, role_of: Callable[[web.Request], Role | None],
+def access_middleware(verifier: Verifier, role_of: Callable[[web.Request], Role | tuple[Role, ...] | None],
                       refused: Callable[[str], None] | None = None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Requests need a credential holding the role `role_of` names (None: open to all) when `verifier` checks any.
+    """Requests need a credential holding the role `role_of` names, or one of the roles (None: open to all), when
+    `verifier` checks any.
 
     A missing, unknown, expired or revoked credential gets a bare 401; a valid one without the role a 403 that
     names the role. `refused` is told why (``credential`` or ``role``), for the service's refusal counter."""
@@ -66,10 +67,12 @@ def access_middleware(verifier: Verifier, role_of: Callable[[web.Request], Role 
             if refused is not None:
                 refused("credential")
             return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
-        if not principal.can(role):
+        roles = role if isinstance(role, tuple) else (role,)
+        if not any(principal.can(r) for r in roles):
             if refused is not None:
                 refused("role")
-            return web.json_response({"error": f"this credential does not hold the {role} role"}, status=403)
+            return web.json_response({"error": f"this credential does not hold the {' or '.join(roles)} role"},
+                                     status=403)
         request[PRINCIPAL] = principal
         return await handler(request)
 

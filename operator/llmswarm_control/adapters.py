@@ -251,15 +251,15 @@ class AdapterStore:
         self._lock = threading.Lock()
 
     def publish(self, name: str, data: bytes, publisher: str, key: str, replace: bool, model_name: str | None,
-                num_blocks: int | None) -> StoredAdapter:
+                num_blocks: int | None, admin: bool = False) -> StoredAdapter:
         check_name(name)
         if not key:
             raise AdapterRefused(400, "publishing needs a publisher key (header X-Llmswarm-Publisher-Key)")
         with self._lock:
-            self._may_publish(name, key, replace)
+            self._may_publish(name, key, replace, admin)
         publication = parse_upload(data, self.limits, model_name, num_blocks, self.shapes)
         with self._lock:
-            self._may_publish(name, key, replace)  # again: another publication may have come meanwhile
+            self._may_publish(name, key, replace, admin)  # again: another publication may have come meanwhile
             old = self._adapters.get(name)
             held = sum(a.publication.weights.numel() * 4 for a in self._adapters.values() if a is not old)
             if held + publication.weights.numel() * 4 > self.limits.max_store_bytes:
@@ -269,16 +269,26 @@ class AdapterStore:
             self._adapters[name] = stored
         return stored
 
-    def _may_publish(self, name: str, key: str, replace: bool) -> None:
+    def _may_publish(self, name: str, key: str, replace: bool, admin: bool = False) -> None:
         old = self._adapters.get(name)
         if old is None:
             return
         if not replace:
             raise AdapterRefused(409, f"adapter {name!r} exists (published by {old.publisher}); publish with replace "
                                       "to replace it")
-        if not hmac.compare_digest(old.key_hash, key_hash(key)):
+        if not admin and not hmac.compare_digest(old.key_hash, key_hash(key)):
             raise AdapterRefused(403, f"adapter {name!r} was published by {old.publisher}; only that publisher "
-                                      "(its publisher key) may replace it")
+                                      "(its publisher key or credential) or an admin may replace it")
+
+    def delete(self, name: str, key: str, admin: bool = False) -> StoredAdapter:
+        """Remove adapter `name`: only its publisher (the same key) or an admin may."""
+        stored = self.get(name)
+        with self._lock:
+            if not admin and not hmac.compare_digest(stored.key_hash, key_hash(key)):
+                raise AdapterRefused(403, f"adapter {name!r} was published by {stored.publisher}; only that publisher "
+                                          "or an admin may delete it")
+            self._adapters.pop(name, None)
+        return stored
 
     def get(self, name: str) -> StoredAdapter:
         check_name(name)

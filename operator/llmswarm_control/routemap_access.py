@@ -1,8 +1,9 @@
 """Who may do what at the route map, and its admin endpoints. The roles (credentials.py):
 
-- ``use``: read routes and published adapters, publish adapters (clients);
+- ``use``: read routes and published adapters, publish adapters (clients), delete one's own;
 - ``join``: announce a server and leave (``POST /v1/servers``, ``DELETE /v1/servers/{id}``);
-- ``admin``: ``POST /v1/admin/bans`` ``{"server_id": ...}`` takes a server out of the map and refuses its id
+- ``admin``: replace or delete anyone's published adapter; ``POST /v1/admin/bans`` ``{"server_id": ...}`` takes a
+  server out of the map and refuses its id
   from then on; ``POST /v1/admin/revocations`` ``{"credential_id": ...}`` refuses a credential (its ``jti``)
   here at once and at every block server within a few seconds: the map lists revoked ids
   (``RouteMap.revoked``) and servers read it with their push peers.
@@ -27,11 +28,13 @@ _ID = r"^[A-Za-z0-9_.:-]{1,256}$"
 T = TypeVar("T", bound=BaseModel)
 
 
-def role_of(request: web.Request) -> Role | None:
-    """The role a route-map request needs (None: open)."""
+def role_of(request: web.Request) -> Role | tuple[Role, ...] | None:
+    """The role a route-map request needs, or the roles any of which will do (None: open)."""
     path = request.path
     if path in OPEN_PATHS:
         return None
+    if request.method == "DELETE" and path.startswith("/v1/adapters/"):
+        return ("use", "admin")  # its publisher, or an admin
     if path.startswith("/v1/admin/"):
         return "admin"
     if path == "/v1/servers" or path.startswith("/v1/servers/"):
