@@ -10,40 +10,20 @@ block) live here and learn. The loss is computed on the completion tokens only.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 import torch
+from capitals import batches, load_rows
 from tqdm.auto import tqdm
 
 from llmswarm import DistributedModelForCausalLM
-
-DATA = Path(__file__).parent / "data" / "capitals.jsonl"
-
-
-def batches(tokenizer, rows: list[dict[str, str]], size: int, rng: random.Random):
-    while True:
-        chosen = rng.sample(rows, size)
-        prompts = [tokenizer(r["prompt"])["input_ids"] for r in chosen]
-        answers = [tokenizer(r["completion"])["input_ids"] for r in chosen]
-        length = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
-        ids = torch.full((size, length), tokenizer.pad_token_id or 0)
-        labels = torch.full((size, length), -100)
-        mask = torch.zeros(size, length, dtype=torch.long)
-        for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-            sequence = p + a
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            labels[row, len(p):len(sequence)] = torch.tensor(a)  # learn the completion only
-            mask[row, :len(sequence)] = 1
-        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def train(swarm: str, steps: int, batch_size: int, lr: float, pre_seq_len: int, seed: int) -> tuple[float, float]:
     torch.manual_seed(seed)
     model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm, tuning_mode="deep_ptune",
                                                         pre_seq_len=pre_seq_len)
-    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    rows = load_rows()
     data = batches(model.tokenizer, rows, batch_size, random.Random(seed))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     first = last = float("nan")
