@@ -181,3 +181,23 @@ def test_a_published_adapter_is_served_by_name_to_another_process(swarm3, local_
     rows = requests.get(f"{swarm3.url}/v1/adapters/greeter/blocks/10-20", timeout=30)
     assert wire.decode(rows.content).tensors["lora"].shape[0] == 10  # a server fetches only its span's rows
     assert by_name.generate(ids, attention_mask=torch.ones_like(ids), **SETTINGS)[0].tolist() == expected
+
+
+def test_published_adapters_are_kept_in_the_store_folder_across_restarts(shapes, tmp_path):
+    """The route map's --adapter-dir (a PVC on Kubernetes): a new store over the same folder serves what the old one
+    held, the same bytes to every server; a deletion and a damaged file are not brought back."""
+    spec = LoraSpec(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    first = AdapterStore(shapes=shapes, directory=tmp_path)
+    first.publish("kept", upload_body(peft_state(), spec, NAME), "ada", "k" * 20, False, NAME, 30)
+    first.publish("gone", upload_body(peft_state(seed=1), spec, NAME), "ada", "k" * 20, False, NAME, 30)
+    first.delete("gone", "k" * 20)
+    (tmp_path / "broken.json").write_text('{"publisher": "x", "key_hash": "y"}')
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    second = AdapterStore(shapes=shapes, directory=tmp_path)
+    assert [a["name"] for a in second.listing()] == ["kept"]
+    assert second.listing() == first.listing()
+    stored = second.get("kept")
+    assert second.blocks(stored, 3, 9) == first.blocks(first.get("kept"), 3, 9)
+    with pytest.raises(AdapterRefused) as caught:  # its publisher key still holds after the restart
+        second.publish("kept", upload_body(peft_state(seed=2), spec, NAME), "mallory", "m" * 20, True, NAME, 30)
+    assert caught.value.status == 403

@@ -26,12 +26,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import os
 import re
 import struct
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
@@ -50,6 +53,8 @@ from llmswarm_core.lora import (
     matches,
     split_peft_key,
 )
+
+log = logging.getLogger("llmswarm_control.adapters")
 
 MAX_HEADER_BYTES = 1024 * 1024  # a safetensors header (JSON) of a published adapter
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -244,11 +249,47 @@ def key_hash(key: str) -> str:
 class AdapterStore:
     """The published adapters of one swarm, in memory; safe to use from several threads."""
 
-    def __init__(self, limits: AdapterLimits | None = None, shapes: Modules | None = None) -> None:
+    def __init__(self, limits: AdapterLimits | None = None, shapes: Modules | None = None,
+                 directory: Path | None = None) -> None:
         self.limits = limits or AdapterLimits()
         self.shapes = shapes  # one block's modules, where the service knows the model (None: servers check on load)
         self._adapters: dict[str, StoredAdapter] = {}
         self._lock = threading.Lock()
+        # Where publications are kept across restarts (a PVC on Kubernetes): NAME.safetensors, the file as
+        # published, and NAME.json, who published it; None keeps them in memory only.
+        self.directory = directory
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._load(directory)
+
+    def _load(self, directory: Path) -> None:
+        """Every publication kept in `directory`, checked again as an upload; one that no longer checks is skipped."""
+        for meta_file in sorted(directory.glob("*.json")):
+            name = meta_file.stem
+            try:
+                check_name(name)
+                meta = json.loads(meta_file.read_text())
+                data = (directory / f"{name}.safetensors").read_bytes()
+                publication = parse_upload(data, self.limits, None, None, self.shapes)
+                self._adapters[name] = StoredAdapter(name, str(meta["publisher"]), str(meta["key_hash"]), publication,
+                                                     float(meta.get("published_at", time.time())))
+            except (AdapterRefused, OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("skipping the kept adapter %s: %s", meta_file, error)
+
+    def _keep(self, stored: StoredAdapter, data: bytes) -> None:
+        if self.directory is None:
+            return
+        meta = {"publisher": stored.publisher, "key_hash": stored.key_hash, "published_at": stored.published_at}
+        for path, content in ((self.directory / f"{stored.name}.safetensors", data),
+                              (self.directory / f"{stored.name}.json", json.dumps(meta).encode())):
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_bytes(content)
+            os.replace(partial, path)  # a reader (or a restart) sees the old file or the new one, never half
+
+    def _forget(self, name: str) -> None:
+        if self.directory is not None:
+            for suffix in (".json", ".safetensors"):
+                (self.directory / f"{name}{suffix}").unlink(missing_ok=True)
 
     def publish(self, name: str, data: bytes, publisher: str, key: str, replace: bool, model_name: str | None,
                 num_blocks: int | None, admin: bool = False) -> StoredAdapter:
@@ -266,6 +307,7 @@ class AdapterStore:
                 raise AdapterRefused(413, f"the route map's adapter store is full ({held} of "
                                           f"{self.limits.max_store_bytes} bytes held)")
             stored = StoredAdapter(name, publisher, key_hash(key), publication)
+            self._keep(stored, data)
             self._adapters[name] = stored
         return stored
 
@@ -288,6 +330,7 @@ class AdapterStore:
                 raise AdapterRefused(403, f"adapter {name!r} was published by {stored.publisher}; only that publisher "
                                           "or an admin may delete it")
             self._adapters.pop(name, None)
+            self._forget(name)
         return stored
 
     def get(self, name: str) -> StoredAdapter:

@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest published LoRA adapter (a safetensors file)")
     parser.add_argument("--adapter-store-bytes", type=int, default=limits.max_store_bytes,
                         help="bytes of published adapters the service keeps in all")
+    parser.add_argument("--adapter-dir", type=Path,
+                        help="keep published adapters in this folder, and serve the ones kept there at start "
+                             "(default: in memory only)")
     return parser
 
 
@@ -408,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     # Without the model's blocks at hand, published adapters are checked for their own consistency here and
     # against the real modules by each server as it loads its span's rows.
     service.verifier.authority_key = authority_key
-    service.adapters = AdapterStore(AdapterLimits(args.max_adapter_bytes, args.adapter_store_bytes))
+    service.adapters = AdapterStore(AdapterLimits(args.max_adapter_bytes, args.adapter_store_bytes),
+                                    directory=args.adapter_dir)
     web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None)
     return 0
 

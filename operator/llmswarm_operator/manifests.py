@@ -40,6 +40,8 @@ IDENTITY_KEY = "key.pem"
 ROUTES_FILE = "routes.json"
 ASSIGNMENT_FILE = "assignment.json"  # see assignment.py
 ROUTES_DIR = "/etc/llmswarm"
+ADAPTERS_DIR = "/var/lib/llmswarm/adapters"  # the route map's published adapters (a PVC, or the pod's own disk)
+PRELOADED_DIR = "/var/run/llmswarm/adapters"  # spec.adapters from ConfigMaps, one folder each, in server pods
 CACHE_DIR = "/var/cache/llmswarm"
 LABEL_BLOCKS = "llmswarm.dev/blocks"  # a server pod's span as "START-END": replicas of the same blocks avoid each other
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -179,7 +181,24 @@ def server_args(owner: Owner, spec: SwarmSpec, cost: BlockCost, server: DesiredS
         args += ["--quantization", model.quantization]
     if cost.cache_bytes:
         args += ["--kv-cache-bytes", str(cost.cache_bytes * len(server.span))]
+    for adapter in spec.adapters:
+        args += ["--adapters", f"{adapter.name}={adapter.path or f'{PRELOADED_DIR}/{adapter.name}'}"]
     return args + list(spec.server.extra_args)
+
+
+def adapter_volumes(spec: SwarmSpec) -> tuple[list[Body], list[Body]]:
+    """(volumes, mounts) of the spec's adapters that come from ConfigMaps, one read-only folder each."""
+    volumes = [{"name": f"adapter-{i}", "configMap": {"name": a.config_map}}
+               for i, a in enumerate(spec.adapters) if a.config_map]
+    mounts = [{"name": f"adapter-{i}", "mountPath": f"{PRELOADED_DIR}/{a.name}", "readOnly": True}
+              for i, a in enumerate(spec.adapters) if a.config_map]
+    return volumes, mounts
+
+
+def adapter_sources(spec: SwarmSpec) -> list[dict[str, str]]:
+    """What status says of the spec's adapters: each name and where servers load it from."""
+    return [{"name": a.name, "source": f"configMap/{a.config_map}" if a.config_map else f"path:{a.path}"}
+            for a in spec.adapters]
 
 
 def _http_probe(path: str, period: int, failures: int) -> Body:
@@ -281,11 +300,12 @@ def server_deployment(
         "livenessProbe": _http_probe("/healthz", 20, 3),
         "readinessProbe": _http_probe("/readyz", 5, 2),
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR},
-                         {"name": "identity", "mountPath": IDENTITY_DIR, "readOnly": True}],
+                         {"name": "identity", "mountPath": IDENTITY_DIR, "readOnly": True}, *adapter_volumes(spec)[1]],
     }
     # Read-only for the pod's user and its fsGroup (the file's group): nobody else.
     identity = {"name": "identity", "secret": {"secretName": identity_secret_name(server.name), "defaultMode": 0o440}}
-    pod_spec = _hardened_pod(spec, settings, [container], [{"name": "cache", "emptyDir": {}}, identity])
+    pod_spec = _hardened_pod(spec, settings, [container], [{"name": "cache", "emptyDir": {}}, identity,
+                                                           *adapter_volumes(spec)[0]])
     pod_spec["terminationGracePeriodSeconds"] = 60
     pod_spec.update(_spread(owner, server))
     if pool.runtime_class_name:
@@ -386,14 +406,20 @@ def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSetting
         "command": ["python", "-m", "llmswarm_control.routemap_service"],
         # The record through the API (within a second) and from the mounted file (the kubelet refreshes it a
         # minute late): the newer counts, so a server the operator deleted is not served from a stale file.
-        "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--configmap", name, "--host", "0.0.0.0", "--port", str(port)],
+        "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--configmap", name, "--host", "0.0.0.0", "--port", str(port),
+                 "--adapter-dir", ADAPTERS_DIR],
         "env": [*gpu_env(resources), *token_env(settings)],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": resources,
         "readinessProbe": _http_probe("/readyz", 5, 3),  # ready once it read routes.json
         "livenessProbe": _http_probe("/healthz", 20, 3),
-        "volumeMounts": [{"name": "routes", "mountPath": ROUTES_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": "routes", "mountPath": ROUTES_DIR, "readOnly": True},
+                         {"name": "adapters", "mountPath": ADAPTERS_DIR}],
     }
+    claim = spec.route_map.adapter_claim
+    # Published adapters outlive the pod on a claim; without one they live as long as the pod (its own disk).
+    adapters = ({"name": "adapters", "persistentVolumeClaim": {"claimName": claim}} if claim
+                else {"name": "adapters", "emptyDir": {"sizeLimit": "2Gi"}})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -402,14 +428,16 @@ def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSetting
             "replicas": 1,
             "revisionHistoryLimit": 2,
             "selector": {"matchLabels": {LABEL_SWARM: owner.name, "app.kubernetes.io/component": COMPONENT_ROUTEMAP}},
+            # A claim that one node mounts at a time: the old pod lets go of it before the new one starts.
+            "strategy": {"type": "Recreate" if claim else "RollingUpdate"},
             "template": {
                 "metadata": {
                     "labels": pod_labels(owner.name, COMPONENT_ROUTEMAP),
                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                                     "prometheus.io/path": "/metrics"},
                 },
-                "spec": _hardened_pod(spec, settings, [container], [{"name": "routes", "configMap": {"name": name}}],
-                                      account=name),
+                "spec": _hardened_pod(spec, settings, [container], [{"name": "routes", "configMap": {"name": name}},
+                                                                    adapters], account=name),
             },
         },
     }

@@ -187,6 +187,7 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
         generation=generation, conflicts=tuple(outcome.conflicts),
     )
     outcome.status = swarm_status(seen, previous)
+    outcome.status["adapters"] = m.adapter_sources(spec)
     outcome.phase = outcome.status["phase"]
     outcome.desired, outcome.entries, outcome.num_blocks = desired, list(plan.entries), shape.num_blocks
     outcome.workloads, outcome.rebalanced = set(existing), assignment is not None

@@ -188,6 +188,23 @@ class RouteMapSpec(_Spec):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     external_address: str = ""
     port: Annotated[int, Field(ge=1, le=65535)] = ROUTE_MAP_PORT
+    # A PersistentVolumeClaim that keeps published adapters across route-map pods ("": the pod's own disk)
+    adapter_claim: Annotated[str, Field(max_length=253, pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$")] = ""
+
+
+class AdapterSource(_Spec):
+    """A PEFT LoRA adapter every block server loads at start and serves by `name`: from a ConfigMap (its
+    adapter_config.json and adapter_model.safetensors, the latter as binaryData) or a directory in the image."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")]
+    config_map: Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None = None
+    path: Annotated[str, Field(max_length=4096, pattern=r"^/")] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSource:
+        if (self.config_map is None) == (self.path is None):
+            raise ValueError(f"adapter {self.name}: give exactly one of configMap and path")
+        return self
 
 
 class SwarmSpec(_Spec):
@@ -199,6 +216,7 @@ class SwarmSpec(_Spec):
     server: ServerSpec = Field(default_factory=ServerSpec)
     rebalance: RebalanceSpec = Field(default_factory=RebalanceSpec)
     route_map: RouteMapSpec = Field(default_factory=RouteMapSpec)
+    adapters: Annotated[list[AdapterSource], Field(max_length=32)] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _pools(self) -> SwarmSpec:
@@ -206,6 +224,9 @@ class SwarmSpec(_Spec):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"pool names must be unique; repeated: {', '.join(duplicates)}")
+        adapters = [a.name for a in self.adapters]
+        if len(set(adapters)) != len(adapters):
+            raise ValueError("adapter names must be unique")
         if sum((p.max_servers if p.max_servers is not None else p.min_servers) for p in self.pools) < 1:
             raise ValueError("the pools allow no server at all: give some pool minServers or maxServers >= 1")
         return self

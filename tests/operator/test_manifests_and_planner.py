@@ -77,9 +77,11 @@ def test_routemap_deployment_runs_the_route_map_on_the_mounted_record() -> None:
     module = importlib.import_module(container["command"][2])
     assert module.build_parser is build_parser  # the module the command names is the service
     args = build_parser().parse_args(container["args"])
-    mount, scratch = container["volumeMounts"]
+    mount, adapters, scratch = container["volumeMounts"]
     assert args.routes.parent.as_posix() == mount["mountPath"] and args.routes.name == m.ROUTES_FILE
+    assert args.adapter_dir.as_posix() == adapters["mountPath"]  # published adapters outlive a restart
     assert pod["volumes"] == [{"name": mount["name"], "configMap": {"name": m.routemap_name(OWNER.name)}},
+                              {"name": adapters["name"], "emptyDir": {"sizeLimit": "2Gi"}},
                               {"name": scratch["name"], "emptyDir": {"sizeLimit": "1Gi"}}]
     assert scratch["mountPath"] == "/tmp"  # the root filesystem is read-only
     assert args.port == spec.route_map.port == container["ports"][0]["containerPort"]
