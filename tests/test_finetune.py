@@ -211,3 +211,36 @@ def test_server_hosted_lora_adapter_equals_local_peft(lora_adapter, local_smollm
         unknown = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm.url, active_adapter="nope", progress=False)
         with pytest.raises(Exception, match="unknown adapter"):
             unknown(ids)
+
+
+def test_an_adapter_from_the_hub_cache_equals_the_same_adapter_from_a_folder(lora_adapter, smollm2, tmp_path, monkeypatch):
+    """``--adapters name=hub:ORG/NAME`` (spec.adapters[].hub): the repository's two adapter files, read through the
+    Hugging Face cache; here offline, from a cache laid out as the hub client writes it."""
+    import shutil
+
+    from llmswarm_node.span import SpanModel
+    from llmswarm_node.span_loader import adapter_folder, load_adapter
+
+    path, _ = lora_adapter
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--sql-lora"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(path, repo / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert adapter_folder("hub:acme/sql-lora") == repo / "snapshots" / commit
+    from_folder, from_hub = SpanModel(smollm2, 0, 2, progress=False), SpanModel(smollm2, 0, 2, progress=False)
+    load_adapter(from_folder.loaded, "sql", path)
+    load_adapter(from_hub.loaded, "sql", "hub:acme/sql-lora")
+    hidden = torch.randn(1, 5, 576)
+    with torch.no_grad():
+        torch.testing.assert_close(from_hub.forward(hidden, adapter="sql"), from_folder.forward(hidden, adapter="sql"),
+                                   rtol=0, atol=0)
+        assert not torch.equal(from_hub.forward(hidden, adapter="sql"), from_hub.forward(hidden))
+    with pytest.raises(Exception, match="acme/missing"):
+        adapter_folder("hub:acme/missing")

@@ -82,8 +82,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device for the blocks (default: cuda when available, else cpu)")
     parser.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
                         help="quantize the blocks' linear layers with bitsandbytes (fits more blocks in memory)")
-    parser.add_argument("--adapters", nargs="*", default=[], type=parse_adapter, metavar="NAME=PATH",
-                        help="PEFT LoRA adapters (directories) that clients can select by name")
+    parser.add_argument("--adapters", nargs="*", action="extend", default=[], type=parse_adapter, metavar="NAME=PATH",
+                        help="PEFT LoRA adapters that clients can select by name: PATH a directory, or "
+                             "hub:ORG/NAME[@REVISION] from the Hugging Face Hub (repeatable)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for prefill and bulk work (0: torch's default)")
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="torch threads for decode steps of a few tokens (0: same as --threads)")

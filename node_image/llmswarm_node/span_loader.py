@@ -126,15 +126,35 @@ def _read_base(source: ModelDir, config: PretrainedConfig, start: int, end: int,
     return base
 
 
+HUB_PREFIX = "hub:"  # an adapter SPEC "hub:ORG/NAME[@REVISION]": a Hugging Face Hub repository
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def adapter_folder(spec: str | Path) -> Path:
+    """The local folder of an adapter SPEC: a directory as given, or a Hub repository's two adapter files, fetched
+    into the Hugging Face cache (``HF_HOME``; ``HF_HUB_OFFLINE=1`` reads only what the cache holds)."""
+    text = str(spec)
+    if not text.startswith(HUB_PREFIX):
+        return Path(text)
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = text[len(HUB_PREFIX):].partition("@")
+    try:
+        return Path(snapshot_download(repo_id=repo, revision=revision or None, allow_patterns=ADAPTER_FILES))
+    except Exception as error:  # the hub client's errors (offline, unknown repository, no access) have many types
+        raise ValueError(f"adapter repository {repo} cannot be read from the Hugging Face Hub or its cache: {error}") from error
+
+
 def load_adapter(span: LoadedSpan, name: str, path: str | Path) -> None:
-    """Load a PEFT LoRA adapter's weights for the span's blocks, selectable per request by `name`.
+    """Load a PEFT LoRA adapter's weights for the span's blocks, selectable per request by `name`; `path` is a
+    directory or ``hub:ORG/NAME[@REVISION]`` (adapter_folder).
 
     Load adapters before a runner serves the span: its sub-span views copy the blocks as they are then.
     """
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = Path(path)
+    folder = adapter_folder(path)
     config = LoraConfig.from_pretrained(str(folder))
     weights = load_file(str(folder / "adapter_model.safetensors"))
     state = {}

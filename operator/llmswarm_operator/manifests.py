@@ -182,7 +182,9 @@ def server_args(owner: Owner, spec: SwarmSpec, cost: BlockCost, server: DesiredS
     if cost.cache_bytes:
         args += ["--kv-cache-bytes", str(cost.cache_bytes * len(server.span))]
     for adapter in spec.adapters:
-        args += ["--adapters", f"{adapter.name}={adapter.path or f'{PRELOADED_DIR}/{adapter.name}'}"]
+        source = (adapter.path or (f"hub:{adapter.hub}" if adapter.hub else None)
+                  or f"{PRELOADED_DIR}/{adapter.name}")
+        args += ["--adapters", f"{adapter.name}={source}"]
     return args + list(spec.server.extra_args)
 
 
@@ -197,8 +199,8 @@ def adapter_volumes(spec: SwarmSpec) -> tuple[list[Body], list[Body]]:
 
 def adapter_sources(spec: SwarmSpec) -> list[dict[str, str]]:
     """What status says of the spec's adapters: each name and where servers load it from."""
-    return [{"name": a.name, "source": f"configMap/{a.config_map}" if a.config_map else f"path:{a.path}"}
-            for a in spec.adapters]
+    return [{"name": a.name, "source": f"configMap/{a.config_map}" if a.config_map
+             else f"hub:{a.hub}" if a.hub else f"path:{a.path}"} for a in spec.adapters]
 
 
 def _http_probe(path: str, period: int, failures: int) -> Body:

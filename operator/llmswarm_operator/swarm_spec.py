@@ -199,11 +199,12 @@ class AdapterSource(_Spec):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")]
     config_map: Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None = None
     path: Annotated[str, Field(max_length=4096, pattern=r"^/")] | None = None
+    hub: Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?$")] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterSource:
-        if (self.config_map is None) == (self.path is None):
-            raise ValueError(f"adapter {self.name}: give exactly one of configMap and path")
+        if sum(source is not None for source in (self.config_map, self.path, self.hub)) != 1:
+            raise ValueError(f"adapter {self.name}: give exactly one of configMap, path and hub")
         return self
 
 
