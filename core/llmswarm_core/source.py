@@ -241,15 +241,32 @@ def convert_gguf(gguf: Path, target: Path, progress: bool = True) -> None:
     write_block_cache(state, config, tokenizer, target, progress=progress, generation=model.generation_config)
 
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def model_name(spec: str) -> str:
+    """The name a SPEC's model is served under (what resolve() names it), without reading anything: the default
+    model's name, a .gguf file's stem, a hub id as it is, a directory's last component. The operator names the
+    model of its route map with it, so that servers' announcements match it."""
+    if spec == DEFAULT_MODEL:
+        return DEFAULT_MODEL_NAME
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.exists():
+        return spec  # a hub id
+    return path.resolve().name if not path.name else path.name
+
+
 def resolve(spec: str = DEFAULT_MODEL, progress: bool = True) -> ModelDir:
     """Resolve a SPEC to a per-block readable model directory, converting once if needed."""
     if spec == DEFAULT_MODEL:
-        return _from_gguf(smollm2_gguf_path(), name="SmolLM2-135M-Instruct", progress=progress)
+        return _from_gguf(smollm2_gguf_path(), name=model_name(spec), progress=progress)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _from_gguf(path, name=path.stem, progress=progress)
+        return _from_gguf(path, name=model_name(spec), progress=progress)
     if path.is_dir():
-        return ModelDir(path)
+        return ModelDir(path, name=model_name(spec))
     if path.exists():
         raise ModelSourceError(f"{spec}: not a model directory or a .gguf file")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):

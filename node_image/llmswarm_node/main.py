@@ -82,6 +82,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device for the blocks (default: cuda when available, else cpu)")
     parser.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
                         help="quantize the blocks' linear layers with bitsandbytes (fits more blocks in memory)")
+    parser.add_argument("--served-model-name", help="the model's name in the route map (default: the SPEC's, e.g. a "
+                                                    "directory's last component): every server of a swarm gives the same")
     parser.add_argument("--adapters", nargs="*", action="extend", default=[], type=parse_adapter, metavar="NAME=PATH",
                         help="PEFT LoRA adapters that clients can select by name: PATH a directory, or "
                              "hub:ORG/NAME[@REVISION] from the Hugging Face Hub (repeatable)")
@@ -206,7 +208,7 @@ def run_serve(args: argparse.Namespace) -> int:
         push_timeout=args.push_timeout,
     )
     options = ServerOptions(
-        model_name=source.name, host=args.host, port=args.port, public_url=args.public_url,
+        model_name=args.served_model_name or source.name, host=args.host, port=args.port, public_url=args.public_url,
         swarm=args.swarm.rstrip("/") if args.swarm else None, server_id=args.server_id,
         identity_file=identity_file(args), limits=limits,
         batching=BatchOptions(

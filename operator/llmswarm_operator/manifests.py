@@ -23,7 +23,7 @@ from llmswarm_control.placement import BlockCost, Placement
 from llmswarm_core.routemap import RouteMap
 from llmswarm_core.spans import Span
 from llmswarm_operator.settings import OperatorSettings, package_version
-from llmswarm_operator.swarm_spec import API_VERSION, KIND, PoolSpec, SwarmSpec
+from llmswarm_operator.swarm_spec import API_VERSION, KIND, PoolSpec, SwarmSpec, model_shape
 
 Body = dict[str, Any]
 
@@ -173,6 +173,7 @@ def server_args(owner: Owner, spec: SwarmSpec, cost: BlockCost, server: DesiredS
         "--public-url", server_url(owner, server, spec, settings),
         "--swarm", routemap_url(owner, spec, settings),
         "--server-id", server.name,
+        "--served-model-name", model_shape(spec.model).name,  # as the route map's record names the model
         "--identity-file", f"{IDENTITY_DIR}/{IDENTITY_KEY}",
         "--dtype", model.dtype,
         "--quiet",

@@ -26,6 +26,7 @@ from llmswarm_control.placement import (
     place,
 )
 from llmswarm_core.defaults import DEFAULT_MODEL, ROUTE_MAP_PORT
+from llmswarm_core.source import model_name
 from llmswarm_operator.model_catalog import CATALOG, ModelShape, llama_shape
 
 GROUP = "llmswarm.dev"
@@ -268,7 +269,7 @@ def model_shape(model: ModelSpec) -> ModelShape:
     if model.architecture is not None:
         a = model.architecture
         return llama_shape(
-            model.name or model.source, a.num_blocks, a.hidden_size, a.intermediate_size, a.num_attention_heads,
+            model.name or model_name(model.source), a.num_blocks, a.hidden_size, a.intermediate_size, a.num_attention_heads,
             a.num_key_value_heads, a.head_dim, a.params_per_block,
         )
     known = CATALOG.get(model.source)

@@ -127,3 +127,36 @@ def test_settings_from_env() -> None:
         OperatorSettings.from_env({"LLMSWARM_OPERATOR_DRAIN_SECONDS": "-1"})
     with pytest.raises(SettingsError, match="IMAGE_PULL_POLICY"):
         OperatorSettings.from_env({"LLMSWARM_OPERATOR_IMAGE_PULL_POLICY": "Sometimes"})
+
+
+def test_servers_announce_the_model_under_the_name_the_operator_records(tmp_path) -> None:
+    """The route map refuses announcements of another model: a server's name for it must be the record's, whatever
+    the source (a directory's last component, a renamed model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmswarm_cli.main import build_parser
+    from llmswarm_control.placement import BlockCost
+    from llmswarm_core.source import model_name, resolve
+    from llmswarm_operator import manifests as m
+    from llmswarm_operator.settings import OperatorSettings
+
+    folder = tmp_path / "my-llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                 num_hidden_layers=2)).save_pretrained(folder)
+    assert model_name(str(folder)) == resolve(str(folder), progress=False).name == "my-llama"
+    assert model_name(str(folder) + "/") == "my-llama" and model_name("org/repo") == "org/repo"
+    assert model_name("/weights/llama.gguf") == "llama" and model_name("smollm2") == "SmolLM2-135M-Instruct"
+    architecture = {"numBlocks": 2, "hiddenSize": 16, "intermediateSize": 32, "numAttentionHeads": 2}
+    for model, expected in (({"source": str(folder), "architecture": architecture}, "my-llama"),
+                            ({"name": "tiny"}, "tiny")):
+        spec = parse_spec({"pools": [POOL], "model": model})
+        assert model_shape(spec.model).name == expected
+        server = m.DesiredServer("s-0", POOL["name"], spec_span(spec))
+        args = m.server_args(m.Owner("demo", "llm", "uid"), spec, BlockCost(1, 1), server, OperatorSettings(image="x"))
+        assert build_parser().parse_args(args).served_model_name == expected
+
+
+def spec_span(spec):
+    from llmswarm_core.spans import Span
+
+    return Span(0, model_shape(spec.model).num_blocks)
