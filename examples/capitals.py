@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 DATA = Path(__file__).parent / "data" / "capitals.jsonl"
 
@@ -33,3 +34,23 @@ def batches(tokenizer: Any, rows: list[dict[str, str]], size: int, rng: random.R
             labels[row, len(p):len(sequence)] = torch.tensor(a)  # learn the completion only
             mask[row, :len(sequence)] = 1
         yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_steps(model: Any, data: Iterator[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer, steps: int,
+                desc: str) -> tuple[float, float]:
+    """`steps` optimizer steps with a progress bar; (the first step's loss, the mean of the last five)."""
+    first = last = float("nan")
+    window: list[float] = []
+    with tqdm(range(steps), desc=desc, unit="step") as bar:
+        for step in bar:
+            optimizer.zero_grad()
+            loss = model(**next(data)).loss
+            loss.backward()
+            optimizer.step()
+            window = [*window[-4:], loss.item()]
+            if step == 0:
+                first = loss.item()
+            last = sum(window) / len(window)
+            bar.set_postfix(loss=f"{loss.item():.3f}", avg5=f"{last:.3f}")
+    print(f"loss: first step {first:.3f}, mean of the last {len(window)} steps {last:.3f}", flush=True)
+    return first, last

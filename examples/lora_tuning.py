@@ -16,9 +16,8 @@ import argparse
 import random
 
 import torch
-from capitals import batches, load_rows
+from capitals import batches, load_rows, train_steps
 from peft import LoraConfig
-from tqdm.auto import tqdm
 
 from llmswarm import DistributedModelForCausalLM
 
@@ -29,20 +28,7 @@ def train(swarm: str, args: argparse.Namespace) -> None:
     model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm, tuning_mode="lora", lora_config=config)
     data = batches(model.tokenizer, load_rows(), args.batch_size, random.Random(args.seed))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    first = last = float("nan")
-    window: list[float] = []
-    with tqdm(range(args.steps), desc="lora tuning", unit="step") as bar:
-        for step in bar:
-            optimizer.zero_grad()
-            loss = model(**next(data)).loss
-            loss.backward()
-            optimizer.step()
-            window = [*window[-4:], loss.item()]
-            if step == 0:
-                first = loss.item()
-            last = sum(window) / len(window)
-            bar.set_postfix(loss=f"{loss.item():.3f}", avg5=f"{last:.3f}")
-    print(f"loss: first step {first:.3f}, mean of the last {len(window)} steps {last:.3f}", flush=True)
+    train_steps(model, data, optimizer, args.steps, "lora tuning")
     if args.save:
         model.save_pretrained(args.save)
         print(f"saved a PEFT adapter to {args.save}", flush=True)

@@ -13,8 +13,7 @@ import argparse
 import random
 
 import torch
-from capitals import batches, load_rows
-from tqdm.auto import tqdm
+from capitals import batches, load_rows, train_steps
 
 from llmswarm import DistributedModelForCausalLM
 
@@ -26,21 +25,7 @@ def train(swarm: str, steps: int, batch_size: int, lr: float, pre_seq_len: int, 
     rows = load_rows()
     data = batches(model.tokenizer, rows, batch_size, random.Random(seed))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    first = last = float("nan")
-    window: list[float] = []
-    with tqdm(range(steps), desc="prompt tuning", unit="step") as bar:
-        for step in bar:
-            optimizer.zero_grad()
-            loss = model(**next(data)).loss
-            loss.backward()
-            optimizer.step()
-            window = [*window[-4:], loss.item()]
-            if step == 0:
-                first = loss.item()
-            last = sum(window) / len(window)
-            bar.set_postfix(loss=f"{loss.item():.3f}", avg5=f"{last:.3f}")
-    print(f"loss: first step {first:.3f}, mean of the last {len(window)} steps {last:.3f}", flush=True)
-    return first, last
+    return train_steps(model, data, optimizer, steps, "prompt tuning")
 
 
 def main() -> None:
