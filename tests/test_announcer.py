@@ -75,13 +75,14 @@ async def test_heartbeat_drain_and_leave_go_to_the_route_map():
 async def test_a_hung_route_map_costs_the_way_out_at_most_the_farewell_timeout(monkeypatch):
     monkeypatch.setattr(announcer_module, "FAREWELL_TIMEOUT", 0.3)
     seen: list[tuple[str, object]] = []
-    async with serving(route_map_app(seen, delay=3.0)) as url:
+    async with serving(route_map_app(seen, delay=60.0)) as url:
         announcer = Announcer(url, None, None, "s1", MODEL, record)
         try:
             began = time.monotonic()
             await announcer.announce_draining()
             await announcer.leave()
-            assert time.monotonic() - began < 2.0
+            # Two farewells of 0.3 s against a route map that answers after a minute: far below either.
+            assert time.monotonic() - began < 20.0
         finally:
             await announcer.close()
 

@@ -355,17 +355,18 @@ async def test_scrape_source_measures_rates_over_http(endpoints: Endpoints) -> N
     endpoints.add("cold", (0, 15), 60.0)
     endpoints.add("impostor", (0, 15), 60.0, claims="someone-else")
     endpoints.busy = {"hot"}
-    source = ScrapeSource(lambda t: f"{endpoints.url}/{t.id}/metrics", baseline_seconds=0.3)
+    # Windows of a second or more: the server's clock and the client's differ by a request's latency.
+    source = ScrapeSource(lambda t: f"{endpoints.url}/{t.id}/metrics", baseline_seconds=1.0)
     targets = [Target("hot"), Target("cold"), Target("gone"), Target("impostor")]
     first = await source.collect(targets)
     assert set(first.loads) == {"hot", "cold"} and sorted(first.missing) == ["gone", "impostor"]
     assert "404" in first.errors["gone"] and "someone-else" in first.errors["impostor"]
-    assert first.loads["hot"].utilisation == pytest.approx(1.0, abs=0.05) and first.loads["cold"].utilisation == 0.0
+    assert first.loads["hot"].utilisation == pytest.approx(1.0, abs=0.15) and first.loads["cold"].utilisation == 0.0
     assert (first.loads["hot"].throughput, first.loads["hot"].start, first.loads["hot"].end) == (40.0, 15, 30)
-    assert 0.25 <= first.window
-    await asyncio.sleep(0.2)
+    assert 0.95 <= first.window
+    await asyncio.sleep(1.0)
     second = await source.collect([Target("hot"), Target("cold")])  # rates since the previous call: no baseline wait
-    assert second.loads["hot"].busy == pytest.approx(1.0, abs=0.05) and second.loads["hot"].request_rate > 0
+    assert second.loads["hot"].busy == pytest.approx(1.0, abs=0.15) and second.loads["hot"].request_rate > 0
 
 
 async def test_scrape_source_reads_a_live_route_map_style_url(endpoints: Endpoints) -> None:

@@ -64,9 +64,15 @@ def test_token_and_tls_generation_is_exact_and_pushed(secure_swarm, tls_files, l
     assert model.client.config.push
     assert all(s.url.startswith("https://") for s in model.client.routes().servers)
     ids = chat_ids(model.tokenizer, "What is the capital of France?")
-    # Servers learn their push peers from the route map in the background (never on a step's path): one warm-up
-    # generation lets each know the next before the pushes are counted.
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    # Servers learn their push peers from the route map in the background (never on a step's path): warm-up
+    # generations until one has no failed push, so that each server knows the next before the pushes are counted.
+    for _ in range(20):
+        failed_before = pushed_hops(secure_swarm, cert, "failed")
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        if pushed_hops(secure_swarm, cert, "failed") == failed_before:
+            break
+    else:
+        raise AssertionError("the servers never learned their push peers")
     before, failed_before = pushed_hops(secure_swarm, cert), pushed_hops(secure_swarm, cert, "failed")
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
     expected = local_smollm2.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)

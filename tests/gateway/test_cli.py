@@ -40,7 +40,8 @@ def test_gateway_process_serves_with_the_token_from_the_environment(swarm3: Any)
             assert process.poll() is None, log.read_text()
             time.sleep(0.2)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="cli-token", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["smol"]
+        ids = [m.id for m in client.models.list().data]  # the model, then it with each adapter published to swarm3
+        assert ids[0] == "smol" and all(i.startswith("smol:") for i in ids[1:]), ids
         reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
                                                temperature=0, max_tokens=12)
         assert "Paris" in (reply.choices[0].message.content or "")

@@ -102,21 +102,27 @@ async def test_a_conflict_is_reported_in_status_and_events_and_the_rest_goes_on(
         ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
         assert ready.get("reason") == "ObjectConflict", ready
         return status
-    status = await eventually(reported, 20, "the conflict in the status")
+    status = await eventually(reported, 60, "the conflict in the status")
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Ready"]["status"] == "False"
     assert conditions["Degraded"]["status"] == "True" and conditions["Degraded"]["reason"] == "ObjectConflict"
     message = conditions["Degraded"]["message"]
     assert f"Deployment {m.routemap_name(name)}" in message and "no owner" in message
     assert f"PodDisruptionBudget {m.disruption_budget_name(name)}" in message and "Swarm other" in message
-    events = [e for e in cluster.controllers.live("events") if e.get("involvedObject", {}).get("name") == name]
-    assert any(e.get("reason") == "ObjectConflict" and e.get("type") == "Warning" for e in events), events
+    async def warned() -> bool:  # the Event may be posted after the status patch
+        events = [e for e in cluster.controllers.live("events") if e.get("involvedObject", {}).get("name") == name]
+        assert any(e.get("reason") == "ObjectConflict" and e.get("type") == "Warning" for e in events), events
+        return True
+    await eventually(warned, 30, "the ObjectConflict Event")
     # Nothing of theirs was touched; everything else of the Swarm is there.
     stored = await cluster.kubectl.get_json("deployment", m.routemap_name(name))
     assert "ownerReferences" not in stored["metadata"] and stored["spec"]["template"]["spec"]["containers"][0]["image"] == "x"
     stored_budget = next(b for b in cluster.controllers.live("poddisruptionbudgets") if b["metadata"]["name"] == budget["metadata"]["name"])
     assert stored_budget["spec"]["maxUnavailable"] == 5
-    servers = [d for d in cluster.controllers.live("deployments")
-               if (d["metadata"].get("labels") or {}).get(m.LABEL_SWARM) == name and m.LABEL_SERVER in d["metadata"]["labels"]]
-    assert len(servers) == 3
+    async def three_servers() -> bool:
+        servers = [d for d in cluster.controllers.live("deployments")
+                   if (d["metadata"].get("labels") or {}).get(m.LABEL_SWARM) == name and m.LABEL_SERVER in d["metadata"]["labels"]]
+        assert len(servers) == 3, servers
+        return True
+    await eventually(three_servers, 30, "the Swarm's three servers")
     assert operator.running
