@@ -18,6 +18,7 @@ from tests.reference import LocalSpan
 pytestmark = pytest.mark.integration
 
 # The same float32 ops on the same weights as transformers (tests/test_push.py measured them bit-identical).
+BATCHED = dict(rtol=1e-4, atol=1e-4)  # a pass batched with other sessions' steps
 EXACT = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -88,14 +89,16 @@ def test_bad_session_requests(swarm3, model3, local_smollm2):
         socket.send("text, not binary")
         expect_error(wire.decode(socket.recv(timeout=30)), "bad_request", "binary")
         # After all of that, the session is as it was (nothing of the refused requests in its cache): its steps give
-        # what transformers gives for the same blocks from position 0, and it closes cleanly.
+        # what transformers gives for the same blocks from position 0, and it closes cleanly. Its steps may share a
+        # batched pass with the healthy client's steps (another summation order): float32 noise, as between batched
+        # and single passes elsewhere (measured: 1.7e-5 at most), hence BATCHED.
         reference = LocalSpan(local_smollm2, 0, 10)
         reply = call(socket, {"kind": "step", "session": session}, good)
         assert reply.kind == "output" and reply.tensors["hidden"].shape == (1, 2, hidden_size)
-        torch.testing.assert_close(reply.tensors["hidden"], reference.step(good["hidden"]), **EXACT)
+        torch.testing.assert_close(reply.tensors["hidden"], reference.step(good["hidden"]), **BATCHED)
         following = torch.randn(1, 1, hidden_size)
         reply = call(socket, {"kind": "step", "session": session}, {"hidden": following})
-        torch.testing.assert_close(reply.tensors["hidden"], reference.step(following), **EXACT)
+        torch.testing.assert_close(reply.tensors["hidden"], reference.step(following), **BATCHED)
         assert call(socket, {"kind": "close", "session": session}).kind == "closed"
         expect_error(call(socket, {"kind": "step", "session": session}, good), "not_found", "no session")
 
