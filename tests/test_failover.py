@@ -333,3 +333,44 @@ def test_two_generations_at_once_lose_their_middle_hop_at_the_same_token(swarm, 
     stats = model.client.stats
     assert stats.failovers == 2 and stats.bans == 1 and stats.replays >= 2, stats  # one failover per session
     assert stats.replayed_tokens >= sum(ids.shape[1] + kill.after - 1 for ids in inputs), stats
+
+
+def test_a_hop_dies_under_the_decode_loops_generations(swarm, local_smollm2):
+    """Three threads' plain generate() calls run in the client's decode loop (decode_loop.py), a round per token for
+    all three. A server holding some of their sessions is killed mid-decode: each of its sessions fails over on its
+    own, and every output still equals local transformers."""
+    model = model_of(swarm)
+    inputs = [chat_ids(model.tokenizer, text) for text in
+              ("Describe a mountain lake in spring.", "Name three kinds of clouds.", "Why do leaves change color?")]
+    expected = [local_generate(local_smollm2, ids) for ids in inputs]
+    loop = model.decode_loop
+    rounds = loop.rounds
+    results: dict[int, list[list[int]]] = {}
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            results[i] = generate(model, inputs[i])
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    while loop.rounds - rounds < 4:
+        assert time.monotonic() < deadline and all(t.is_alive() for t in threads), f"the generations did not get going: {errors}"
+        time.sleep(0.005)
+    busy = {server_id: metric_total(text, "llmswarm_active_sessions") for server_id, text in server_metrics(swarm).items()}
+    victim = max(busy, key=lambda server_id: busy[server_id])
+    assert busy[victim] >= 1, busy
+    swarm.kill(swarm.index_of(victim), signal.SIGKILL)
+    decoded_at_kill = loop.rounds - rounds
+    assert decoded_at_kill < MAX_NEW and all(t.is_alive() for t in threads), "the kill did not land mid-decode"
+    for thread in threads:
+        thread.join(RESTART_TIMEOUT)
+        assert not thread.is_alive(), f"a generation did not end within {RESTART_TIMEOUT:.0f} s"
+    assert not errors, errors
+    assert [results[i] for i in range(len(inputs))] == expected
+    assert model.client.stats.failovers >= 1, model.client.stats
+    assert loop.rows == len(inputs) * MAX_NEW and loop.rounds - rounds < len(inputs) * MAX_NEW  # rounds were shared

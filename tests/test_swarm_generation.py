@@ -118,8 +118,10 @@ def test_sampling_with_seed_equals_local(model3, local_smollm2):
     with torch.no_grad():
         expected = local_smollm2.generate(ids, **settings)
     torch.manual_seed(1234)
+    rounds = model3.decode_loop.rounds
     got = model3.generate(ids, **settings)
     assert got.tolist() == expected.tolist()
+    assert model3.decode_loop.rounds - rounds == got.shape[1] - ids.shape[1]  # a round per token: the decode loop ran it
 
 
 def test_stop_strings_and_streamer(model3):
@@ -188,6 +190,9 @@ def test_eight_concurrent_clients_get_their_local_outputs(swarm3, local_smollm2)
         thread.join()
     assert not errors
     assert [results[i] for i in range(8)] == expected
+    loop = model.decode_loop  # one round per token for all eight (decode_loop.py), not a round per thread and token
+    assert loop.rows == sum(len(r[0]) - len(ids[0]) for r, ids in zip(expected, inputs, strict=True))
+    assert loop.rows / loop.rounds >= 4, (loop.rows, loop.rounds)
 
 
 # Hidden states rounded to 16 bits at every hop (client -> 3 servers -> client) against local float32 logits.

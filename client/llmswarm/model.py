@@ -25,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassi
 from llmswarm.autograd import remote_blocks
 from llmswarm.coalesce import Coalescer, stacked, trailing_shape
 from llmswarm.config import ClientConfig
+from llmswarm.decode_loop import DecodeLoop, DecodeParams
 from llmswarm.errors import SwarmError
 from llmswarm.inference import InferenceSession, SessionStep, step_together
 from llmswarm.lora import LoraWeights, read_config, read_weights
@@ -299,6 +300,23 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
         self._steps: Coalescer[SessionStep, torch.Tensor] = Coalescer(step_together, max_wait=STEP_WAIT)
         self._generating = 0  # threads inside generate(): how many may share one LM-head pass
         self._generating_lock = threading.Lock()
+        # Plain generations of every thread run in one loop, a round per token (decode_loop.py).
+        self.decode_loop = DecodeLoop(self)
+
+    # ---- what the decode loop uses ----------------------------------------------------------------------
+    def open_loop_session(self, max_length: int) -> InferenceSession:
+        return InferenceSession(self.client, self.config.num_hidden_layers, max_length, 1, adapter=self.adapter,
+                                lora=None if self.lora is None else self.lora.for_session())
+
+    def embed_for_loop(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_norm(self.embed_inputs(input_ids.to(self.device))).cpu()
+
+    def logits_for_loop(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(hidden.to(self.device))).cpu()
+
+    @property
+    def decode_threads(self) -> int:
+        return self.client.config.decode_threads
 
     def _session_step(self, session: InferenceSession, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -385,6 +403,10 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
         if ids is None:
             raise ValueError("generate() through the swarm needs input_ids")
         config = generation_config or self.generation_config
+        if ids.dim() == 2 and ids.shape[0] == 1 and not self.pre_seq_len and not (inputs is not None and "input_ids" in kwargs):
+            params = DecodeParams.from_generate(config, kwargs, ids.shape[1])
+            if params is not None:
+                return self.decode_loop.generate(ids, params)
         max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
         max_length = ids.shape[1] + max_new if max_new else kwargs.get("max_length") or config.max_length
         batch = ids.shape[0] * int(kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
