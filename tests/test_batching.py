@@ -46,6 +46,72 @@ def test_batched_decode_equals_solo(span):
         assert batch_cache.get_seq_length() == solo_cache.get_seq_length()
 
 
+def test_a_group_that_meets_again_steps_on_its_combined_cache(span, monkeypatch):
+    """The same sessions pass after pass: the combined cache is built once and extended; a session that steps alone
+    in between (or a group that changes) builds it afresh. Every output stays what the session gets alone."""
+    from llmswarm_node import batching
+
+    built = []
+    combine = batching._combine
+    monkeypatch.setattr(batching, "_combine", lambda *args: built.append(1) or combine(*args))
+    torch.manual_seed(2)
+    prompts = [torch.randn(1, n, HIDDEN) for n in (4, 9, 13)]
+    solo_caches = [prefilled(span, p) for p in prompts]
+    batch_caches = [prefilled(span, p) for p in prompts]
+    pasts = [p.shape[1] for p in prompts]
+
+    def step(members: list[int]) -> None:
+        hidden = {i: torch.randn(1, 1, HIDDEN) for i in members}
+        solo = {i: span.forward(hidden[i], None, torch.full((1, 1), pasts[i]), solo_caches[i]) for i in members}
+        batched = run_steps(span, 0, 10, [StepInput(batch_caches[i], pasts[i], hidden[i], None, None) for i in members])
+        for i, output in zip(members, batched, strict=True):
+            torch.testing.assert_close(output, solo[i], rtol=1e-4, atol=2e-3)
+            pasts[i] += 1
+
+    for _ in range(3):
+        step([0, 1, 2])
+    step([2, 0, 1])  # the same sessions, arrived in another order
+    assert len(built) == 1
+    step([1])  # alone: its cache is its own again
+    step([0, 1, 2])
+    step([0, 1, 2])
+    step([0, 2])  # a session less
+    assert len(built) == 3
+    for solo_cache, batch_cache in zip(solo_caches, batch_caches, strict=True):
+        assert batch_cache.get_seq_length() == solo_cache.get_seq_length()
+        for solo_layer, batch_layer in zip(solo_cache.layers, batch_cache.layers, strict=True):
+            torch.testing.assert_close(batch_layer.keys, solo_layer.keys, rtol=1e-4, atol=2e-3)
+
+
+def test_first_steps_of_different_lengths_share_one_pass(span):
+    """Prompts of 3, 11 and 7 tokens (one of them a left-padded batch of 2) in one pass, padded on the right: each
+    session gets the outputs and the cache it gets alone, and decodes on from there as it would alone."""
+    torch.manual_seed(3)
+    prompts = [torch.randn(1, 3, HIDDEN), torch.randn(1, 11, HIDDEN), torch.randn(2, 7, HIDDEN)]
+    padded = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    masks = [None, None, padded]
+    positions = [None, None, (padded.cumsum(-1) - 1).clamp(min=0)]
+    solo_caches = [span.new_cache(0, 10) for _ in prompts]
+    solo = [span.forward(p, m, q, c) for p, m, q, c in zip(prompts, masks, positions, solo_caches, strict=True)]
+    caches = [span.new_cache(0, 10) for _ in prompts]
+    batched = run_steps(span, 0, 10, [StepInput(c, 0, p, m, q) for p, m, q, c in
+                                      zip(prompts, masks, positions, caches, strict=True)])
+    for a, b, mask in zip(solo, batched, masks, strict=True):
+        assert b.shape == a.shape
+        real = torch.ones(a.shape[:2], dtype=torch.bool) if mask is None else mask.bool()  # the client's own padding
+        torch.testing.assert_close(b[real], a[real], rtol=1e-4, atol=2e-3)
+    for solo_cache, cache in zip(solo_caches, caches, strict=True):
+        assert cache.get_seq_length() == solo_cache.get_seq_length()
+    step = [torch.randn(p.shape[0], 1, HIDDEN) for p in prompts]
+    step_masks = [None, None, torch.cat([padded, torch.ones(2, 1, dtype=torch.long)], dim=1)]
+    step_positions = [torch.full((1, 1), 3), torch.full((1, 1), 11), positions[2][:, -1:] + 1]
+    solo_next = [span.forward(h, m, q, c) for h, m, q, c in zip(step, step_masks, step_positions, solo_caches, strict=True)]
+    batched_next = run_steps(span, 0, 10, [StepInput(c, p.shape[1], h, m, q) for c, p, h, m, q in
+                                           zip(caches, prompts, step, step_masks, step_positions, strict=True)])
+    for a, b in zip(solo_next, batched_next, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-3)
+
+
 def test_sessions_with_padding_masks_batch_correctly(span):
     """A left-padded client batch keeps its own mask inside a combined pass."""
     torch.manual_seed(1)

@@ -163,15 +163,34 @@ class _Generation:
             bool(self.tokens) and self.tokens[-1] in self.params.eos_token_ids)
 
 
-class DecodeLoop:
-    """Runs the generations handed to :meth:`generate` from any thread together, one round per token."""
+class _Lane:
+    """A loop thread and the generations it steps."""
 
-    def __init__(self, model: LoopModel) -> None:
+    def __init__(self) -> None:
+        self.pending: list[_Generation] = []
+        self.active: list[_Generation] = []
+        self.thread: threading.Thread | None = None
+
+    @property
+    def load(self) -> int:
+        return len(self.pending) + len(self.active)
+
+
+class DecodeLoop:
+    """Runs the generations handed to :meth:`generate` from any thread together, one round per token.
+
+    With `lanes` > 1 the generations are spread over that many loop threads, each running its own
+    rounds: while one lane's step is on the servers, another's is in the client's local work or on
+    another server, so the servers and the client's cores work at once, like a pipeline of micro-batches.
+    """
+
+    def __init__(self, model: LoopModel, lanes: int = 1) -> None:
+        if lanes < 1:
+            raise ValueError("a decode loop needs at least one lane")
         self.model = model
         self._cond = threading.Condition()
-        self._pending: list[_Generation] = []
-        self._thread: threading.Thread | None = None
-        self.rounds = 0  # rounds run (tests and diagnostics)
+        self._lanes = [_Lane() for _ in range(lanes)]
+        self.rounds = 0  # rounds run, over all lanes (tests and diagnostics)
         self.rows = 0  # generations stepped, summed over rounds
 
     def generate(self, prompt: torch.Tensor, params: DecodeParams) -> torch.Tensor:
@@ -180,10 +199,11 @@ class DecodeLoop:
             raise ValueError("the decode loop takes one prompt of shape [1, tokens]")
         generation = _Generation(prompt.detach().cpu().to(torch.long), params)
         with self._cond:
-            self._pending.append(generation)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="llmswarm-decode-loop", daemon=True)
-                self._thread.start()
+            lane = min(self._lanes, key=lambda lane: lane.load)
+            lane.pending.append(generation)
+            if lane.thread is None:
+                lane.thread = threading.Thread(target=self._run, args=(lane,), name="llmswarm-decode-loop", daemon=True)
+                lane.thread.start()
             self._cond.notify_all()
         try:
             generation.done.wait()
@@ -195,23 +215,25 @@ class DecodeLoop:
         new = torch.tensor([generation.tokens], dtype=torch.long)
         return torch.cat([generation.prompt, new], dim=1).to(prompt.device)
 
-    # ---- the loop thread ------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        active: list[_Generation] = []
+    # ---- the loop threads -----------------------------------------------------------------------------------
+    def _run(self, lane: _Lane) -> None:
         with torch.no_grad(), torch_threads(self.model.decode_threads):  # grad mode is per thread
             while True:
                 with self._cond:
-                    while not active and not self._pending:
+                    while not lane.active and not lane.pending:
                         self._cond.wait()
-                    active.extend(self._pending)
-                    self._pending = []
+                    lane.active.extend(lane.pending)
+                    lane.pending = []
+                    active = list(lane.active)
                 try:
-                    active = self._round(active)
+                    still = self._round(active)
                 except BaseException as error:  # a defect here must not hang the callers
                     log.exception("decode loop round failed")
                     for generation in active:
                         self._finish(generation, error)
-                    active = []
+                    still = []
+                with self._cond:
+                    lane.active = still
 
     def _round(self, active: list[_Generation]) -> list[_Generation]:
         """One token for each generation; returns those still running."""
@@ -232,8 +254,9 @@ class DecodeLoop:
             return []
         steps = [self._step(g) for g in running]
         outputs = step_together(steps)
-        self.rounds += 1
-        self.rows += len(running)
+        with self._cond:
+            self.rounds += 1
+            self.rows += len(running)
         stepped: list[tuple[_Generation, torch.Tensor]] = []
         for generation, output in zip(running, outputs, strict=True):
             if isinstance(output, BaseException):

@@ -122,7 +122,8 @@ class Scheduler:
                                          f"in its smallest pass; this server's budget is {self.budget}")
 
     def _decode_fits(self, group: Sequence[StepWork]) -> bool:
-        start, end, new, _ = group[0].key
+        start, end, _, _ = group[0].key
+        new = max(s.new_tokens for s in group)  # first steps of different lengths run padded to the longest
         shape = PassShape(sum(s.rows for s in group), new, end - start, max(s.past for s in group),
                           stacked_cache=len(group) > 1)
         return memory.fits(self.span.block_shape, shape, self.budget)

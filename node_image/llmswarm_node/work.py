@@ -35,6 +35,9 @@ class Work(HiddenRows):
             self.loop.call_soon_threadsafe(_settle, self.future, result)
 
 
+FIRST_STEP = -1  # StepWork.key's token count for a session's first step
+
+
 @dataclass
 class StepWork(Work):
     session: Session | None = None
@@ -56,8 +59,11 @@ class StepWork(Work):
 
     @property
     def key(self) -> tuple[int, int, int, str | None]:
+        """(start, end, new tokens, adapter): steps with equal keys share a pass. A session's first step has
+        FIRST_STEP for its new tokens: first steps of any length share one (batching._run_first_steps)."""
         assert self.session is not None
-        return self.session.start, self.session.end, self.hidden.shape[1], self.session.adapter
+        first = self.session.position == 0 and self.done == 0
+        return self.session.start, self.session.end, FIRST_STEP if first else self.hidden.shape[1], self.session.adapter
 
     def chunk(self, size: int) -> StepInput:
         """The next `size` new tokens of the step (all of them for a small step), as a pass input."""
