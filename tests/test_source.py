@@ -78,16 +78,16 @@ def test_a_malformed_index_is_a_clear_error(tmp_path):
 
 
 def test_the_cache_lock_never_follows_a_symlink(tmp_path):
-    from llmswarm_core.source import _file_lock
+    from llmswarm_core.source import file_lock
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     lock = tmp_path / "cache" / "model.lock"
     lock.parent.mkdir()
     lock.symlink_to(victim)
-    with pytest.raises(ModelSourceError, match="symlink"), _file_lock(lock):
+    with pytest.raises(ModelSourceError, match="symlink"), file_lock(lock):
         pass
     assert victim.read_text() == "keep me"
     plain = tmp_path / "cache" / "plain.lock"
-    with _file_lock(plain):
+    with file_lock(plain):
         assert plain.is_file()

@@ -130,6 +130,15 @@ class ModelDir:
                     out[keys[key]] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return out
 
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """Every tensor name and the safetensors file (inside the directory) that holds it."""
+        return dict(self._files)
+
+    def tensors(self, keys: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors by their checkpoint names, opening only the files that hold them."""
+        return self._read({key: key for key in keys}, dtype)
+
     def block_keys(self, block: int) -> dict[str, str]:
         """Checkpoint keys of one block, mapped to their names inside the block."""
         keys = {}
@@ -174,7 +183,7 @@ def _fingerprint(path: Path) -> str:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_NOFOLLOW: a symlink planted at the lock's path is refused, never followed (it could truncate or
     # create a file elsewhere); O_CREAT without O_TRUNC: an existing lock file is left as it is.
@@ -279,7 +288,7 @@ def resolve(spec: str = DEFAULT_MODEL, progress: bool = True) -> ModelDir:
 def _from_gguf(gguf: Path, name: str, progress: bool) -> ModelDir:
     target = cache_root() / f"{name}-{_fingerprint(gguf)}"
     if not (target / INDEX_FILE).is_file():
-        with _file_lock(target.with_suffix(".lock")):
+        with file_lock(target.with_suffix(".lock")):
             if not (target / INDEX_FILE).is_file():  # another process may have finished meanwhile
                 convert_gguf(gguf, target, progress=progress)
     return ModelDir(target, name=name)

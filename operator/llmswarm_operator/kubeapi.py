@@ -44,6 +44,8 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "ServiceAccount": ("v1", "serviceaccounts", True),
     "Role": ("rbac.authorization.k8s.io/v1", "roles", True),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "Job": ("batch/v1", "jobs", True),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims", True),
     "Swarm": ("llmswarm.dev/v1alpha1", "swarms", True),
 }
 

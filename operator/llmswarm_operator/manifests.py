@@ -43,6 +43,9 @@ ROUTES_DIR = "/etc/llmswarm"
 ADAPTERS_DIR = "/var/lib/llmswarm/adapters"  # the route map's published adapters (a PVC, or the pod's own disk)
 PRELOADED_DIR = "/var/run/llmswarm/adapters"  # spec.adapters from ConfigMaps, one folder each, in server pods
 CACHE_DIR = "/var/cache/llmswarm"
+MODELS_DIR = "/var/lib/llmswarm/models"  # the model store's volume: the fill Job writes it, servers read it
+COMPONENT_STORE = "model-store"
+ANNOTATION_STORE_KEY = "llmswarm.dev/store-key"
 LABEL_BLOCKS = "llmswarm.dev/blocks"  # a server pod's span as "START-END": replicas of the same blocks avoid each other
 GPU_RESOURCE = "nvidia.com/gpu"
 #: The image's own user (node_image/Dockerfile): pods run as it, never as root.
@@ -248,10 +251,44 @@ def _hardened_pod(spec: SwarmSpec, settings: OperatorSettings, containers: list[
     return pod
 
 
-def ephemeral_request(cost: BlockCost, span: Span, quantization: str) -> str:
-    """Ephemeral storage a server needs: its span's files as downloaded (estimated), plus scratch space."""
-    needed = cost.weight_bytes * len(span) * DOWNLOAD_FACTOR.get(quantization, 1) + SCRATCH_BYTES
+def ephemeral_request(cost: BlockCost, num_blocks: int, quantization: str, store: bool) -> str:
+    """Ephemeral storage a server needs. With a model store it holds no model file (they are on the store's
+    volume): scratch space only. Without one it downloads or converts the whole model into its own cache: every
+    block as downloaded (estimated; 10% more for embeddings and LM head), plus scratch space."""
+    needed = SCRATCH_BYTES
+    if not store:
+        needed += cost.weight_bytes * num_blocks * DOWNLOAD_FACTOR.get(quantization, 1) * 11 // 10
     return f"{-(-needed // 2**20)}Mi"
+
+
+def store_claim(swarm: str, spec: SwarmSpec) -> str:
+    """The PersistentVolumeClaim of the Swarm's model store: the one the spec names, else ``<swarm>-models``."""
+    assert spec.model_store is not None
+    return spec.model_store.claim_name or f"{swarm}-models"
+
+
+def store_key(spec: SwarmSpec) -> str:
+    """The model's directory in the store (one per source and revision)."""
+    from llmswarm_core.model_store import store_key as key
+
+    return key(spec.model.source, spec.model.revision)
+
+
+def hub_token_env(spec: SwarmSpec) -> list[Body]:
+    """HF_TOKEN from the Swarm's Secret, for the pod that downloads the model."""
+    ref = spec.model.hub_token_secret
+    return [] if ref is None else [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
+def _model_volume(owner: Owner, spec: SwarmSpec, resources: Body) -> tuple[str, list[Body], Body, Body]:
+    """A server's model: (``--model``, env, volume, mount). From the store, read-only and with nothing to fetch;
+    without one, the source itself, fetched into the pod's own cache (an emptyDir as big as its request)."""
+    if spec.model_store is not None:
+        volume = {"name": "models", "persistentVolumeClaim": {"claimName": store_claim(owner.name, spec), "readOnly": True}}
+        return (f"{MODELS_DIR}/{store_key(spec)}", [], volume,
+                {"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+    size = resources["requests"]["ephemeral-storage"]
+    return spec.model.source, hub_token_env(spec), {"name": "cache", "emptyDir": {"sizeLimit": size}}, {}
 
 
 def _spread(owner: Owner, server: DesiredServer) -> Body:
@@ -282,13 +319,19 @@ def server_deployment(
     span = str(server.span)
     resources = _resources(pool)
     requests = resources.setdefault("requests", {})
-    requests.setdefault("ephemeral-storage", ephemeral_request(cost, server.span, spec.model.quantization))
+    requests.setdefault("ephemeral-storage", ephemeral_request(cost, model_shape(spec.model).num_blocks,
+                                                               spec.model.quantization, spec.model_store is not None))
+    model, model_env, model_volume, model_mount = _model_volume(owner, spec, resources)
+    args = server_args(owner, spec, cost, server, settings)
+    args[args.index("--model") + 1] = model
+    # With a store the pod's own cache holds only what it fetches besides the model (hub adapters): scratch size.
+    cache = model_volume if model_volume["name"] == "cache" else {"name": "cache", "emptyDir": {"sizeLimit": f"{SCRATCH_BYTES // 2**20}Mi"}}
     container: Body = {
         "name": "server",
         "image": spec.image or settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["llmswarm"],
-        "args": server_args(owner, spec, cost, server, settings),
+        "args": args,
         "ports": [{"name": "http", "containerPort": spec.server.port, "protocol": "TCP"}],
         "env": [
             {"name": "LLMSWARM_CACHE", "value": CACHE_DIR},
@@ -296,19 +339,20 @@ def server_deployment(
             {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
             *gpu_env(resources),
             *token_env(settings),
+            *model_env,
         ],
         "resources": resources,
         # Loading a span can take minutes: the startup probe covers it (up to 30 minutes).
         "startupProbe": _http_probe("/healthz", 10, 180),
         "livenessProbe": _http_probe("/healthz", 20, 3),
         "readinessProbe": _http_probe("/readyz", 5, 2),
-        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR},
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}, *([model_mount] if model_mount else []),
                          {"name": "identity", "mountPath": IDENTITY_DIR, "readOnly": True}, *adapter_volumes(spec)[1]],
     }
     # Read-only for the pod's user and its fsGroup (the file's group): nobody else.
     identity = {"name": "identity", "secret": {"secretName": identity_secret_name(server.name), "defaultMode": 0o440}}
-    pod_spec = _hardened_pod(spec, settings, [container], [{"name": "cache", "emptyDir": {}}, identity,
-                                                           *adapter_volumes(spec)[0]])
+    volumes = [cache, *([model_volume] if model_volume is not cache else []), identity, *adapter_volumes(spec)[0]]
+    pod_spec = _hardened_pod(spec, settings, [container], volumes)
     pod_spec["terminationGracePeriodSeconds"] = 60
     pod_spec.update(_spread(owner, server))
     if pool.runtime_class_name:

@@ -20,13 +20,14 @@ from llmswarm_core.identity import ServerIdentity
 from llmswarm_core.routemap import ModelInfo, RouteMap
 from llmswarm_core.spans import Span, coverage
 from llmswarm_operator import manifests as m
+from llmswarm_operator import store as mstore
 from llmswarm_operator.assignment import Assignment, fits
-from llmswarm_operator.kubeapi import Conflict, KubeClient, OwnershipConflict, apply
+from llmswarm_operator.kubeapi import Conflict, KubeClient, OwnershipConflict, apply, check_owner
 from llmswarm_operator.planner import ExistingServer, ServerEntry, online_coverage, plan_servers, ready_servers, route_map
 from llmswarm_operator.settings import OperatorSettings
-from llmswarm_operator.status import Seen, conflict_message, find_condition, invalid_status, swarm_status
-from llmswarm_operator.swarm_spec import InvalidSpec, check_name, parse_spec, plan_placement
-from llmswarm_operator.timestamps import epoch, iso
+from llmswarm_operator.status import Seen, condition, conflict_message, find_condition, invalid_status, swarm_status
+from llmswarm_operator.swarm_spec import InvalidSpec, SwarmSpec, check_name, parse_spec, plan_placement
+from llmswarm_operator.timestamps import epoch, iso, now_iso
 
 Body = dict[str, Any]
 
@@ -143,7 +144,10 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     for obj in (*m.routemap_access(owner), m.routemap_service(owner, spec), m.routemap_deployment(owner, spec, settings),
                 m.server_disruption_budget(owner, fewest)):
         await _apply(kube, obj, outcome, listed)
+    store = await _model_store(kube, owner, spec, settings, outcome) if spec.model_store is not None else None
     for server in desired:
+        if store is not None and store.phase != mstore.READY:
+            continue  # no server before its model is in the store; existing ones (an older revision) stay as they are
         if ("Deployment", server.name) not in listed:  # a new server: its key first (its pods mount it)
             await _create_identity(kube, owner, server.name, outcome)
         if await _apply(kube, m.server_deployment(owner, spec, cost, server, settings), outcome, listed) == "created":
@@ -188,6 +192,8 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     )
     outcome.status = swarm_status(seen, previous)
     outcome.status["adapters"] = m.adapter_sources(spec)
+    if store is not None:
+        _report_store(outcome, store, spec, previous)
     outcome.phase = outcome.status["phase"]
     outcome.desired, outcome.entries, outcome.num_blocks = desired, list(plan.entries), shape.num_blocks
     outcome.workloads, outcome.rebalanced = set(existing), assignment is not None
@@ -196,6 +202,75 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     if outcome.conflicts and conflict_message(outcome.conflicts) != (find_condition(previous, "Degraded") or {}).get("message"):
         outcome.events.append(("Warning", "ObjectConflict", conflict_message(outcome.conflicts)))
     return outcome
+
+
+async def _model_store(kube: KubeClient, owner: m.Owner, spec: SwarmSpec, settings: OperatorSettings,
+                       outcome: Outcome) -> mstore.StoreState:
+    """Make the store's claim (unless the spec names one) and its fill Job exist; say how far the fill is.
+
+    Both are created once and never patched (a claim's and a Job's spec are mostly immutable): a new revision is
+    a new Job, and the earlier revisions' Jobs go once it succeeded. One that exists and is not this Swarm's is
+    left alone and reported."""
+    claim, key = m.store_claim(owner.name, spec), m.store_key(spec)
+    built = mstore.fill_job(owner, spec, settings)
+    name = built["metadata"]["name"]
+    wanted = [("PersistentVolumeClaim", mstore.store_claim(owner, spec))] if spec.model_store and not spec.model_store.claim_name else []
+    job: Body | None = None
+    for kind, obj in [*wanted, ("Job", built)]:
+        existing = await kube.get(kind, owner.namespace, obj["metadata"]["name"])
+        if existing is None:
+            try:
+                existing = await kube.create(obj)
+            except Conflict:  # made meanwhile: read again at the next reconciliation
+                return mstore.StoreState(mstore.PENDING, claim, key, name, f"{kind} {obj['metadata']['name']} was just made")
+            outcome.count(f"created {kind}")
+            if kind == "Job":
+                outcome.events.append(("Normal", "ModelStoreFilling", f"Job {name} fills {claim} with {spec.model.source}"
+                                       f"{'@' + spec.model.revision if spec.model.revision else ''}"))
+        try:
+            check_owner(obj, existing)
+        except OwnershipConflict as error:
+            outcome.conflicts.append(str(error))
+            return mstore.StoreState(mstore.PENDING, claim, key, name, str(error))
+        job = existing
+    phase, message = mstore.job_state(job)
+    if phase == mstore.READY:  # earlier revisions' Jobs are done with
+        for old in await kube.list("Job", owner.namespace, {m.LABEL_SWARM: owner.name,
+                                                            "app.kubernetes.io/component": m.COMPONENT_STORE}):
+            if old["metadata"]["name"] != name and owned_by(old, owner.uid):
+                if await kube.delete("Job", owner.namespace, old["metadata"]["name"]):
+                    outcome.count("deleted Job")
+    return mstore.StoreState(phase, claim, key, name, message)
+
+
+def _report_store(outcome: Outcome, store: mstore.StoreState, spec: SwarmSpec, previous: Mapping[str, Any]) -> None:
+    """``status.modelStore``; while the store of the spec's revision is not ready, the Swarm is not either.
+
+    Filling: ``Pending`` with no server yet, else ``Progressing`` (servers of an earlier revision keep serving).
+    Failed: ``Failed`` with no server yet, else ``Degraded``; a Warning Event once per message."""
+    status = outcome.status
+    status["modelStore"] = store.status(spec)
+    before = previous.get("modelStore") or {}
+    if store.phase == mstore.READY:
+        if before.get("phase") not in (None, mstore.READY):
+            outcome.events.append(("Normal", "ModelStoreReady", store.message))
+        return
+    failed = store.phase == mstore.FAILED
+    if failed and before.get("message") != store.message:
+        outcome.events.append(("Warning", "ModelStoreFailed", store.message))
+    if status["phase"] != "Failed":
+        serving = status["phase"] != "Pending"
+        status["phase"] = ("Degraded" if serving else "Failed") if failed else ("Progressing" if serving else "Pending")
+    reason = "ModelStoreFailed" if failed else "ModelStoreFilling"
+    message = f"model store {store.phase}: {store.message}"
+    generation, now = status.get("observedGeneration"), now_iso()
+    since = previous.get("conditions") or []  # transition times carry over from the status as it was written
+    replaced = {"Ready": condition("Ready", False, reason, message, since, now, generation)}
+    if failed:
+        replaced["Degraded"] = condition("Degraded", True, reason, message, since, now, generation)
+    else:
+        replaced["Progressing"] = condition("Progressing", True, reason, message, since, now, generation)
+    status["conditions"] = [replaced.get(c["type"], c) for c in status.get("conditions") or []]
 
 
 async def _create_identity(kube: KubeClient, owner: m.Owner, server: str, outcome: Outcome) -> None:

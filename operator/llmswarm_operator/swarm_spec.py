@@ -110,6 +110,16 @@ class Architecture(_Spec):
     params_per_block: Annotated[int, Field(ge=1)] | None = None
 
 
+OBJECT_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+class SecretKey(_Spec):
+    """A key of a Secret in the Swarm's namespace."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=OBJECT_NAME)]
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = "token"
+
+
 class ModelSpec(_Spec):
     source: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_MODEL
     name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
@@ -117,6 +127,12 @@ class ModelSpec(_Spec):
     quantization: Quantization = "none"
     architecture: Architecture | None = None
     cache_tokens: Annotated[int, Field(ge=0, le=10_000_000)] = 8192
+    # The hub revision (branch, tag or commit) the model store is filled from; for other sources a label: a new
+    # value fills the store again. Needs spec.modelStore (servers without a store download the default branch).
+    revision: Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$|^$")] = ""
+    # The Secret holding a Hugging Face token (gated models): HF_TOKEN of whatever downloads the model (the fill
+    # Job with a store, the servers without one).
+    hub_token_secret: SecretKey | None = None
 
 
 class Toleration(_Spec):
@@ -169,6 +185,40 @@ class PoolSpec(_Spec):
         return parse_bytes(self.gpu_memory) - parse_bytes(self.reserved_memory)
 
 
+AccessMode = Literal["ReadWriteMany", "ReadOnlyMany", "ReadWriteOnce", "ReadWriteOncePod"]
+
+
+class ModelStoreSpec(_Spec):
+    """A volume that holds the model once per revision, filled by a Job; servers read their spans from it.
+
+    Either ``claimName`` (an existing PersistentVolumeClaim, kept when the Swarm goes) or ``size`` (the operator
+    makes ``<swarm>-models``, owned by the Swarm)."""
+
+    claim_name: Annotated[str, Field(max_length=253, pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$")] = ""
+    size: Quantity | None = None
+    storage_class_name: Annotated[str, Field(max_length=253)] | None = None
+    access_modes: Annotated[list[AccessMode], Field(min_length=1, max_length=4)] = Field(
+        default_factory=lambda: ["ReadWriteMany"])
+    # The fill Job's pod (converting a GGUF file holds the model in memory; a safetensors source one block).
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: Quantity | None) -> Quantity | None:
+        if value is not None and parse_bytes(value) <= 0:
+            raise ValueError(f"size must be more than 0, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_volume(self) -> ModelStoreSpec:
+        if bool(self.claim_name) == (self.size is not None):
+            raise ValueError("modelStore: give either claimName (an existing PersistentVolumeClaim) or size (one the "
+                             "operator makes)")
+        return self
+
+
 class LocalObjectReference(_Spec):
     name: Annotated[str, Field(min_length=1, max_length=253)]
 
@@ -219,9 +269,12 @@ class SwarmSpec(_Spec):
     rebalance: RebalanceSpec = Field(default_factory=RebalanceSpec)
     route_map: RouteMapSpec = Field(default_factory=RouteMapSpec)
     adapters: Annotated[list[AdapterSource], Field(max_length=32)] = Field(default_factory=list)
+    model_store: ModelStoreSpec | None = None
 
     @model_validator(mode="after")
     def _pools(self) -> SwarmSpec:
+        if self.model.revision and self.model_store is None:
+            raise ValueError("model.revision needs modelStore: servers without a store download the default branch")
         names = [p.name for p in self.pools]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -314,7 +367,8 @@ def plan_placement(spec: SwarmSpec) -> tuple[ModelShape, BlockCost, Placement]:
 
 
 __all__ = [
-    "API_VERSION", "DTYPE_BYTES", "GROUP", "KIND", "PLURAL", "VERSION", "InvalidSpec", "ModelSpec", "PoolSpec",
+    "API_VERSION", "DTYPE_BYTES", "GROUP", "KIND", "PLURAL", "VERSION", "InvalidSpec", "ModelSpec", "ModelStoreSpec",
+    "PoolSpec",
     "SwarmSpec", "block_cost", "check_name", "model_shape", "parse_bytes", "parse_quantity", "parse_spec",
     "plan_placement",
 ]

@@ -16,8 +16,10 @@ import aiohttp
 import pytest
 import yaml
 
+from llmswarm_core.model_store import store_key
 from llmswarm_operator.manifests import COMPONENT_ROUTEMAP, COMPONENT_SERVER, routemap_name
 from llmswarm_operator.settings import package_version
+from llmswarm_operator.store import job_name
 from tests.chart.cluster import (
     ChartEmulator,
     audit,
@@ -152,14 +154,34 @@ async def test_install_the_chart_then_the_operator_reconciles_swarms(tmp_path: P
             _, text = await get_text(f"http://127.0.0.1:{ports['metrics']}/metrics")
             assert f'llmswarm_swarm_ready{{namespace="{NAMESPACE}",swarm="{name}"}} 1.0' in text
             assert f'llmswarm_swarm_ready{{namespace="{NAMESPACE}",swarm="smollm2-cpu"}} 1.0' in text
+
+            # 8. A Swarm with a model store: its claim and fill Job (the emulator's Job controller completes it),
+            # then a new revision (a new Job; the old one is deleted once it succeeded).
+            stored = json.loads(json.dumps(example))
+            stored["metadata"]["name"] = "smollm2-stored"
+            stored["spec"]["modelStore"] = {"size": "2Gi"}
+            await kubectl.apply(yaml.safe_dump(stored))
+            await eventually(lambda: swarm_phase(kubectl, "smollm2-stored", "Ready"), 60, "smollm2-stored to be Ready")
+            stored["spec"]["model"]["revision"] = "v2"
+            await kubectl.apply(yaml.safe_dump(stored))
+
+            async def refilled() -> bool:
+                jobs = [j["metadata"]["name"] for j in emulator.live("jobs")
+                        if (j["metadata"].get("labels") or {}).get("llmswarm.dev/swarm") == "smollm2-stored"]
+                assert jobs == [job_name("smollm2-stored", store_key("smollm2", "v2"))], jobs
+                await swarm_phase(kubectl, "smollm2-stored", "Ready")
+                return True
+            await eventually(refilled, 60, "the store of the new revision")
             assert process.returncode is None
 
-        # 8. Least privilege, checked: every request the operator made is one the chart's RBAC allows.
+        # 9. Least privilege, checked: every request the operator made is one the chart's RBAC allows.
         used = audit(rendered, emulator, deployment, OUTPUT, "all-on")
         for needed in [("llmswarm.dev", "swarms", "watch"), ("llmswarm.dev", "swarms/status", "patch"), ("apps", "deployments", "create"),
                        ("", "services", "create"), ("", "configmaps", "create"), ("", "pods", "list"), ("", "events", "create"),
                        ("kopf.dev", "clusterkopfpeerings", "patch"), ("apps", "deployments", "patch"), ("apps", "deployments", "delete"),
-                       ("", "services", "delete")]:
+                       ("", "services", "delete"), ("batch", "jobs", "create"), ("batch", "jobs", "get"),
+                       ("batch", "jobs", "list"), ("batch", "jobs", "delete"), ("", "persistentvolumeclaims", "create"),
+                       ("", "persistentvolumeclaims", "get")]:
             assert needed in used, f"the operator never made {needed}: the test saw too little"
     log = (OUTPUT / "operator-all-on.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]

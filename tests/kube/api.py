@@ -15,6 +15,7 @@ Body = dict[str, Any]
 
 CORE = "/api/v1"
 APPS = "/apis/apps/v1"
+BATCH = "/apis/batch/v1"
 
 
 def path(group: str, plural: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:

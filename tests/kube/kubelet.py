@@ -525,6 +525,7 @@ class PodRunner:
                 await self._write_object_volume(volume, target)
             elif "persistentVolumeClaim" in volume:
                 target = self.node.claim_directory(self.namespace, volume["persistentVolumeClaim"]["claimName"])
+                self._own(target)  # the kubelet applies fsGroup to a claim's volume as to an emptyDir
             elif "hostPath" in volume:
                 target = Path(volume["hostPath"]["path"])
                 kind = volume["hostPath"].get("type", "")

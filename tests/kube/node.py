@@ -8,6 +8,9 @@ emulator's HTTP API:
   ``pod-template-hash``, owned by the Deployment), scaled to ``replicas``, replaced when the
   template changes (``Recreate``, or ``RollingUpdate`` within ``maxSurge``/``maxUnavailable``),
   and the Deployment's ``status`` (replicas, updated, ready, available);
+- **Job controller**: one pod at a time from each Job's template (``job-name`` label, owned by the Job),
+  another after a failed one until ``backoffLimit`` failures (at once: no back-off delay), and the Job's
+  ``status`` (active, succeeded, failed, ``Complete`` or ``Failed`` condition);
 - **scheduler**: binds a pending pod to this node when its ``nodeSelector`` matches the node's labels,
   or marks it ``Unschedulable``;
 - **kubelet** (kubelet.py): runs the containers of the pods bound to this node as real processes,
@@ -40,7 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tests.chart.rendering import selector_matches
-from tests.kube.api import APPS, CORE, Api, ApiError, path
+from tests.kube.api import APPS, BATCH, CORE, Api, ApiError, path
 from tests.kube.certificates import ApiServerPki, make_pki
 from tests.kube.image import Image
 from tests.kube.kubelet import PodRunner
@@ -170,6 +173,7 @@ class KubeNode(FakeControllers):
         deployments = await self.api.list(path(APPS, "deployments"))
         pods = await self.api.list(path(CORE, "pods"))
         await self._run_deployments_from(deployments, pods)
+        await self._run_jobs(await self.api.list(path(BATCH, "jobs")), pods)
         await self._schedule(pods)
         self._run_pods(pods)
         self._update_endpoints(await self.api.list(path(CORE, "services")), pods)
@@ -195,8 +199,11 @@ class KubeNode(FakeControllers):
         return next((r for r in self.runners.values() if r.namespace == namespace and r.name == pod), None)
 
     def claim_directory(self, namespace: str, claim: str) -> Path:
+        """A claim's volume: one folder, made on first use with mode 777 (as a fresh local-path volume is)."""
         directory = self.work_dir / "claims" / f"{namespace}_{claim}"
-        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.is_dir():
+            directory.mkdir(parents=True)
+            directory.chmod(0o777)
         return directory
 
     def kubelet_env(self) -> dict[str, str]:
@@ -294,6 +301,46 @@ class KubeNode(FakeControllers):
         if self._deployment_status.get(key) != status:
             await self.api.patch(path(APPS, "deployments", meta.get("namespace"), meta["name"], "status"), {"status": status})
             self._deployment_status[key] = status
+
+    # ---- Job controller ----
+
+    async def _run_jobs(self, jobs: list[Body], pods: list[Body]) -> None:
+        for job in jobs:
+            meta, spec, status = job["metadata"], job.get("spec") or {}, job.get("status") or {}
+            if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in status.get("conditions") or []):
+                continue
+            phases = [(p.get("status") or {}).get("phase") for p in pods if owned_by(p, meta.get("uid", ""))]
+            succeeded, failed = phases.count("Succeeded"), phases.count("Failed")
+            active = len(phases) - succeeded - failed
+            new: Body = {"active": active, "succeeded": succeeded, "failed": failed}
+            if succeeded:
+                new.update(active=0, conditions=[{"type": "Complete", "status": "True", "reason": "Completed"}])
+            elif failed > int(spec.get("backoffLimit", 6)):
+                new.update(active=0, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                                  "message": "Job has reached the specified backoff limit"}])
+            elif not active:
+                await self._create_job_pod(job)
+                new["active"] = 1
+            if {k: status.get(k, 0 if k != "conditions" else None) for k in new} != new:
+                await self.api.patch(path(BATCH, "jobs", meta.get("namespace"), meta["name"], "status"), {"status": new})
+                self.event(None, f"Job {meta.get('namespace')}/{meta['name']}: {new}")
+
+    async def _create_job_pod(self, job: Body) -> None:
+        meta, template = job["metadata"], (job.get("spec") or {}).get("template") or {}
+        labels = {**((template.get("metadata") or {}).get("labels") or {}), "job-name": meta["name"],
+                  "batch.kubernetes.io/job-name": meta["name"], "controller-uid": meta.get("uid", "")}
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": f"{meta['name']}-{secrets.token_hex(3)[:5]}", "namespace": meta.get("namespace"), "labels": labels,
+                "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta.get("uid"),
+                                     "controller": True, "blockOwnerDeletion": True}],
+            },
+            "spec": json.loads(json.dumps(template.get("spec") or {})),
+            "status": {"phase": "Pending"},
+        }
+        await self.api.create(path(CORE, "pods", meta.get("namespace")), pod)
 
     # ---- scheduler ----
 

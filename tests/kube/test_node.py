@@ -334,3 +334,31 @@ async def test_a_deleted_pod_gets_sigterm_then_sigkill_after_its_grace_period(cl
     assert process.returncode == -9  # SIGKILL after the grace period
     namespace = runner.address.namespace
     await until(lambda: not (NETNS_RUN / namespace).exists(), 10, "its network namespace removed")
+
+
+@needs_netns
+@pytest.mark.timeout(120)
+async def test_jobs_run_a_pod_to_its_end_and_retry_up_to_their_backoff_limit(cluster: Cluster) -> None:
+    """The Job controller: a pod from the template (restartPolicy Never); Complete once one succeeded; a failed
+    pod is replaced until backoffLimit failures, then Failed. Both pods write to one claim (shared folder)."""
+    def job(name: str, script: str, backoff: int) -> dict[str, Any]:
+        return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "default"},
+                "spec": {"backoffLimit": backoff, "template": {"metadata": {"labels": {"test": name}}, "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "main", "image": "ghcr.io/llmswarm/node:test", "command": ["sh", "-c", script],
+                                    "volumeMounts": [{"name": "data", "mountPath": "/srv/kube-test-claim"}]}],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}}}}
+    await cluster.kubectl.apply(yaml.safe_dump_all([job("good", "echo done >> /srv/kube-test-claim/good", 2),
+                                                    job("bad", "echo try >> /srv/kube-test-claim/bad; exit 3", 1)]))
+
+    def condition(name: str) -> str | None:
+        found = cluster.emulator.stored("jobs", "default", name) or {}
+        return next((c["type"] for c in (found.get("status") or {}).get("conditions") or [] if c.get("status") == "True"), None)
+    await until(lambda: condition("good") == "Complete" and condition("bad") == "Failed", 60, "both Jobs to end")
+    claim = cluster.node.claim_directory("default", "data")
+    assert (claim / "good").read_text() == "done\n"
+    assert (claim / "bad").read_text() == "try\ntry\n"  # the first run and one retry (backoffLimit 1)
+    bad = cluster.emulator.stored("jobs", "default", "bad") or {}
+    assert bad["status"]["failed"] == 2 and bad["status"]["active"] == 0
+    pods = [p for p in live(cluster, "pods") if (p["metadata"].get("labels") or {}).get("job-name") == "bad"]
+    assert len(pods) == 2 and {p["status"]["phase"] for p in pods} == {"Failed"}

@@ -58,6 +58,9 @@ BUILTINS = {
                                                                     verbs=VERBS),
     "policy/v1/poddisruptionbudgets": kmock.ResourceInfo(singular="poddisruptionbudget", kind="PodDisruptionBudget", namespaced=True,
                                                          verbs=VERBS, shortnames={"pdb"}),
+    "batch/v1/jobs": kmock.ResourceInfo(singular="job", kind="Job", namespaced=True, verbs=VERBS, subresources={"status"}),
+    "v1/persistentvolumeclaims": kmock.ResourceInfo(singular="persistentvolumeclaim", kind="PersistentVolumeClaim",
+                                                    namespaced=True, verbs=VERBS, shortnames={"pvc"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(singular="customresourcedefinition",
         kind="CustomResourceDefinition", namespaced=False, verbs=VERBS, shortnames={"crd"}),
 }
@@ -179,6 +182,8 @@ class FakeControllers:
         self.interval = interval
         self.ready_servers: set[str] = set()  # pods of these servers become ready
         self.all_ready = False
+        #: What the Job controller makes of every Job: "Complete", "Failed", or "" (they keep running).
+        self.jobs_end = "Complete"
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self.errors: list[str] = []
@@ -220,6 +225,24 @@ class FakeControllers:
         await self._collect_garbage()
         await self._run_deployments()
         await self._run_kubelet()
+        await self._run_jobs()
+
+    async def _run_jobs(self) -> None:
+        """The Job controller, without pods: a Job is running (``active``) until ``jobs_end`` says how it ends."""
+        for job in list(self.live("jobs")):
+            meta, status = job["metadata"], job.get("status") or {}
+            if any(c.get("status") == "True" for c in status.get("conditions") or []):
+                continue
+            if not self.jobs_end:
+                new: dict[str, Any] = {"active": 1}
+            elif self.jobs_end == "Complete":
+                new = {"active": 0, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+            else:
+                new = {"active": 0, "failed": 3, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                                                 "message": "Job has reached the specified backoff limit"}]}
+            if {k: status.get(k) for k in new} != new:
+                await self._call("PATCH", f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{meta['name']}/status",
+                                 {"status": new}, "application/merge-patch+json")
 
     async def _collect_garbage(self) -> None:
         uids = {(o.get("metadata") or {}).get("uid") for o in self.live()}

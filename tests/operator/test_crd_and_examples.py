@@ -137,7 +137,9 @@ def _walk(schema: dict[str, Any], model: type[BaseModel], where: str) -> Iterato
 def test_spec_model_has_the_schema_fields_and_defaults() -> None:
     schema = _properties(spec_schema())["spec"]
     checked = 0
-    minimal = parse_spec({"pools": [{"name": "p", "gpuMemory": "1Gi"}]}).model_dump(by_alias=True)
+    # Optional objects given with only their required fields, so that their defaults are compared too.
+    minimal = parse_spec({"pools": [{"name": "p", "gpuMemory": "1Gi"}], "model": {"hubTokenSecret": {"name": "hf"}},
+                          "modelStore": {"size": "1Gi"}}).model_dump(by_alias=True)
     for path, sub, _ in _walk(schema, SwarmSpec, "spec"):
         if "default" not in sub or sub["default"] == {}:
             continue

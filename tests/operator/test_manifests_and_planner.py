@@ -97,7 +97,8 @@ def test_server_deployment_runs_llmswarm_serve_for_its_span() -> None:
     deployment = m.server_deployment(OWNER, spec, cost, server, SETTINGS)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = container["args"]
-    assert args[:2] == ["serve", "--model"] and args[2] == "meta-llama/Llama-3.1-70B-Instruct"
+    # The example has a model store: the model's directory there (tests/operator/test_model_store.py).
+    assert args[:2] == ["serve", "--model"] and args[2] == f"{m.MODELS_DIR}/{m.store_key(spec)}"
     assert args[args.index("--blocks") + 1] == str(server.span)
     assert args[args.index("--quantization") + 1] == "int8"
     assert args[args.index("--dtype") + 1] == "bfloat16"

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 
+from llmswarm_core.model_store import store_key
 from llmswarm_core.routemap import RouteMap
 from llmswarm_operator.manifests import LABEL_SWARM, desired_servers, routemap_name
 from llmswarm_operator.swarm_spec import parse_spec, plan_placement
@@ -139,7 +140,8 @@ async def test_example_gets_its_servers_and_becomes_ready(cluster: Cluster, oper
         args = container["args"]
         assert container["command"] == ["llmswarm"] and args[0] == "serve"
         assert args[args.index("--blocks") + 1] == f"{server.span.start}:{server.span.end}"
-        assert args[args.index("--model") + 1] == spec.model.source
+        model = spec.model.source if spec.model_store is None else f"/var/lib/llmswarm/models/{store_key(spec.model.source, '')}"
+        assert args[args.index("--model") + 1] == model
         assert args[args.index("--swarm") + 1] == f"http://{routemap_name(name)}.default.svc.cluster.local:8700"
         assert args[args.index("--server-id") + 1] == server_name
         assert ("--quantization" in args) == (spec.model.quantization != "none")

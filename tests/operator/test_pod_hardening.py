@@ -122,16 +122,27 @@ def test_runtime_class_comes_from_the_pool() -> None:
         p["name"]: ("nvidia" if p["name"] == first else None) for p in doc["spec"]["pools"]}
 
 
-def test_servers_request_ephemeral_storage_for_their_span() -> None:
+def test_servers_request_ephemeral_storage_for_what_they_hold() -> None:
+    """Without a model store a server fetches the whole model into its own disk (an emptyDir limited to what it
+    requests); with one, it holds no model file: scratch space only."""
     doc = example("swarm-70b-int8.yaml")
+    doc["spec"].pop("modelStore", None)
+    doc["spec"]["model"].pop("revision", None)
     spec = parse_spec(doc["spec"])
-    _, cost, placement = plan_placement(spec)
+    shape, cost, placement = plan_placement(spec)
     for server in m.desired_servers(OWNER.name, placement):
-        container = pod(m.server_deployment(OWNER, spec, cost, server, SETTINGS))["containers"][0]
+        spec_pod = pod(m.server_deployment(OWNER, spec, cost, server, SETTINGS))
+        container = spec_pod["containers"][0]
         requested = container["resources"]["requests"]["ephemeral-storage"]
         assert requested.endswith("Mi")
-        # At least the span's weights as downloaded (16-bit for an int8 Swarm), plus room for the runtime.
-        assert int(requested[:-2]) * 2**20 >= 2 * cost.weight_bytes * len(server.span) + 2**30
+        # Every block's weights as downloaded (16-bit for an int8 Swarm), plus room for the runtime.
+        assert int(requested[:-2]) * 2**20 >= 2 * cost.weight_bytes * shape.num_blocks + 2**30
+        assert {"name": "cache", "emptyDir": {"sizeLimit": requested}} in spec_pod["volumes"]
+    stored = parse_spec(example("swarm-70b-int8.yaml")["spec"])
+    assert stored.model_store is not None
+    for server in m.desired_servers(OWNER.name, placement):
+        container = pod(m.server_deployment(OWNER, stored, cost, server, SETTINGS))["containers"][0]
+        assert container["resources"]["requests"]["ephemeral-storage"] == f"{m.SCRATCH_BYTES // 2**20}Mi"
     routemap = pod(m.routemap_deployment(OWNER, spec, SETTINGS))["containers"][0]
     assert "ephemeral-storage" in routemap["resources"]["requests"]
     # A request the pool gives wins.
