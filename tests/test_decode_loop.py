@@ -10,12 +10,14 @@ import pytest
 import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
+    LogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from llmswarm.decode_loop import DecodeParams
@@ -42,6 +44,23 @@ def test_sampling_settings_become_transformers_processors_in_generates_order():
                                                  TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper]
 
 
+def test_the_callers_processors_go_after_the_built_in_ones_and_before_the_warpers():
+    class Mine(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return scores
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            return torch.zeros(1, dtype=torch.bool)
+
+    mine, stop = Mine(), Stop()
+    got = params(max_new_tokens=8, do_sample=True, top_k=5, repetition_penalty=1.2, logits_processor=[mine],
+                 stopping_criteria=[stop])
+    assert got is not None
+    assert [type(p) for p in got.processors] == [RepetitionPenaltyLogitsProcessor, Mine, TopKLogitsWarper]
+    assert got.stopping == (stop,)
+
+
 def test_greedy_ignores_sampling_warpers():
     got = params(max_new_tokens=8, do_sample=False, top_k=5)
     assert got is not None and got.processors == ()
@@ -49,7 +68,7 @@ def test_greedy_ignores_sampling_warpers():
 
 @pytest.mark.parametrize("kwargs", [
     {"streamer": BaseStreamer()},
-    {"stopping_criteria": []},
+    {"logits_processor": [RepetitionPenaltyLogitsProcessor(1.5)], "repetition_penalty": 1.2},  # replaces generate()'s
     {"num_beams": 2},
     {"num_return_sequences": 2, "do_sample": True},
     {"stop_strings": ["."]},

@@ -57,17 +57,20 @@ _SUPPORTED = {
     "num_return_sequences", "cache_implementation",
 }
 # generate() keyword arguments that are not generation settings and that the loop accepts.
-_PLAIN_KWARGS = {"input_ids", "attention_mask", "pad_token_id"}
+_PLAIN_KWARGS = {"input_ids", "attention_mask", "pad_token_id", "logits_processor", "stopping_criteria"}
 
 
 @dataclass(frozen=True)
 class DecodeParams:
-    """What one generation asks for; `processors` are applied in order to its float32 scores."""
+    """What one generation asks for: `processors` are applied in order to its float32 scores; after each token,
+    each of `stopping` is called as generate() calls stopping criteria (the ids so far, then scores=None), with
+    the generation's InferenceSession as ``session=``, and any True ends the generation."""
 
     max_new_tokens: int
     eos_token_ids: frozenset[int]
     do_sample: bool
     processors: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = ()
+    stopping: tuple[Callable[..., torch.Tensor], ...] = ()
 
     @staticmethod
     def from_generate(config: GenerationConfig, kwargs: dict[str, Any], prompt_length: int) -> DecodeParams | None:
@@ -100,15 +103,18 @@ class DecodeParams:
             return None
         eos = config.eos_token_id
         eos_ids = frozenset([] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        processors = _processors(config, prompt_length, eos_ids)
+        processors = _processors(config, prompt_length, eos_ids, list(kwargs.get("logits_processor") or []))
         if processors is None:
             return None
-        return DecodeParams(max_new, eos_ids, bool(config.do_sample), tuple(processors))
+        return DecodeParams(max_new, eos_ids, bool(config.do_sample), tuple(processors),
+                            tuple(kwargs.get("stopping_criteria") or []))
 
 
-def _processors(config: GenerationConfig, prompt_length: int, eos_ids: frozenset[int]) -> LogitsProcessorList | None:
+def _processors(config: GenerationConfig, prompt_length: int, eos_ids: frozenset[int],
+                custom: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> LogitsProcessorList | None:
     """transformers' processors for these settings, in the order generate() applies them (its
-    ``_get_logits_processor``), for the fields in _SUPPORTED."""
+    ``_get_logits_processor``), for the fields in _SUPPORTED: the caller's own (`custom`) after the built-in
+    ones and before the sampling warpers."""
     processors = LogitsProcessorList()
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty=config.repetition_penalty))
@@ -117,6 +123,9 @@ def _processors(config: GenerationConfig, prompt_length: int, eos_ids: frozenset
         processors.append(MinLengthLogitsProcessor(config.min_length, eos))
     if config.min_new_tokens is not None and config.min_new_tokens > 0 and eos_ids:
         processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos))
+    if any(type(mine) is type(theirs) for mine in custom for theirs in processors):
+        return None  # generate() lets a custom processor replace its own of the same type: that runs there
+    processors.extend(custom)
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
             if config.temperature <= 0:
@@ -132,7 +141,7 @@ def _processors(config: GenerationConfig, prompt_length: int, eos_ids: frozenset
 class LoopModel(Protocol):
     """What the loop needs of the model: its local parts and a way to open sessions."""
 
-    def open_loop_session(self, max_length: int) -> InferenceSession: ...
+    def open_loop_session(self, max_length: int, adapter: str | None) -> InferenceSession: ...
 
     def embed_for_loop(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [rows, tokens] -> hidden, block input
 
@@ -146,6 +155,7 @@ class LoopModel(Protocol):
 class _Generation:
     prompt: torch.Tensor  # [1, prompt tokens]
     params: DecodeParams
+    adapter: str | None = None  # a LoRA adapter the servers host (generations with different ones share rounds)
     tokens: list[int] = field(default_factory=list)
     session: InferenceSession | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -157,6 +167,13 @@ class _Generation:
         if not self.tokens:
             return self.prompt
         return torch.cat([self.prompt, torch.tensor([self.tokens], dtype=self.prompt.dtype)], dim=1)
+
+    def stopped(self) -> bool:
+        """Whether a stopping criterion ends the generation here (each is called after every token)."""
+        if not self.params.stopping:
+            return False
+        ids = self.ids()
+        return any(bool(criterion(ids, None, session=self.session)[0]) for criterion in self.params.stopping)
 
     def finished(self) -> bool:
         return len(self.tokens) >= self.params.max_new_tokens or (
@@ -193,11 +210,12 @@ class DecodeLoop:
         self.rounds = 0  # rounds run, over all lanes (tests and diagnostics)
         self.rows = 0  # generations stepped, summed over rounds
 
-    def generate(self, prompt: torch.Tensor, params: DecodeParams) -> torch.Tensor:
-        """The prompt [1, tokens] followed by its new tokens, as generate() returns them."""
+    def generate(self, prompt: torch.Tensor, params: DecodeParams, adapter: str | None = None) -> torch.Tensor:
+        """The prompt [1, tokens] followed by its new tokens, as generate() returns them; `adapter`: a LoRA adapter
+        the servers host, for this generation."""
         if prompt.dim() != 2 or prompt.shape[0] != 1:
             raise ValueError("the decode loop takes one prompt of shape [1, tokens]")
-        generation = _Generation(prompt.detach().cpu().to(torch.long), params)
+        generation = _Generation(prompt.detach().cpu().to(torch.long), params, adapter)
         with self._cond:
             lane = min(self._lanes, key=lambda lane: lane.load)
             lane.pending.append(generation)
@@ -245,7 +263,7 @@ class DecodeLoop:
             if generation.session is None:
                 try:
                     generation.session = self.model.open_loop_session(
-                        generation.prompt.shape[1] + generation.params.max_new_tokens)
+                        generation.prompt.shape[1] + generation.params.max_new_tokens, generation.adapter)
                 except Exception as error:  # noqa: BLE001 - that generation's own failure
                     self._finish(generation, error)
                     continue
@@ -270,7 +288,7 @@ class DecodeLoop:
         still: list[_Generation] = []
         for (generation, _), token in zip(stepped, tokens, strict=True):
             generation.tokens.append(token)
-            if generation.finished():
+            if generation.stopped() or generation.finished():
                 self._finish(generation)
             else:
                 still.append(generation)

@@ -300,12 +300,12 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
         self._steps: Coalescer[SessionStep, torch.Tensor] = Coalescer(step_together, max_wait=STEP_WAIT)
         self._generating = 0  # threads inside generate(): how many may share one LM-head pass
         self._generating_lock = threading.Lock()
-        # Plain generations of every thread run in one loop, a round per token (decode_loop.py).
+        # Plain generations of every thread run in one loop, a round per token (decode_loop.py); each names its adapter.
         self.decode_loop = DecodeLoop(self)
 
     # ---- what the decode loop uses ----------------------------------------------------------------------
-    def open_loop_session(self, max_length: int) -> InferenceSession:
-        return InferenceSession(self.client, self.config.num_hidden_layers, max_length, 1, adapter=self.adapter,
+    def open_loop_session(self, max_length: int, adapter: str | None) -> InferenceSession:
+        return InferenceSession(self.client, self.config.num_hidden_layers, max_length, 1, adapter=adapter,
                                 lora=None if self.lora is None else self.lora.for_session())
 
     def embed_for_loop(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -406,7 +406,8 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
         if ids.dim() == 2 and ids.shape[0] == 1 and not self.pre_seq_len and not (inputs is not None and "input_ids" in kwargs):
             params = DecodeParams.from_generate(config, kwargs, ids.shape[1])
             if params is not None:
-                return self.decode_loop.generate(ids, params)
+                # Views of this model (copy.copy, another adapter) share its loop: their generations share rounds.
+                return self.decode_loop.generate(ids, params, self.adapter)
         max_new = kwargs.get("max_new_tokens") or config.max_new_tokens
         max_length = ids.shape[1] + max_new if max_new else kwargs.get("max_length") or config.max_length
         batch = ids.shape[0] * int(kwargs.get("num_return_sequences") or config.num_return_sequences or 1)

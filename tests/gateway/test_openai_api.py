@@ -191,8 +191,11 @@ def test_continuing_an_assistant_message_and_logit_bias(client: openai.OpenAI, l
 # ---- sharing the swarm ----------------------------------------------------------------------------------------
 
 
-def test_concurrent_streams_progress_together(client: openai.OpenAI, local_smollm2: Any, tokenizer: Any) -> None:
+def test_concurrent_streams_progress_together(client: openai.OpenAI, local_smollm2: Any, tokenizer: Any,
+                                              model3: Any) -> None:
     prompts = [f"Name a famous {thing}." for thing in ("painter", "river", "city", "poet")]
+    loop = model3.decode_loop  # the gateway's generations run in the client's decode loop (decode_loop.py)
+    rounds, rows = loop.rounds, loop.rows
     expected = [local_answer(local_smollm2, tokenizer, chat_ids(tokenizer, p), 20)[0] for p in prompts]
     first: dict[int, float] = {}
     finished: dict[int, float] = {}
@@ -221,6 +224,7 @@ def test_concurrent_streams_progress_together(client: openai.OpenAI, local_smoll
     assert not errors
     assert [texts[i] for i in range(4)] == expected
     assert max(first.values()) < min(finished.values()), "every stream should start before any finishes"
+    assert loop.rows - rows >= 4 and loop.rounds - rounds < loop.rows - rows, "the streams did not share rounds"
 
 
 def _raw_post(gateway: GatewayThread, body: dict[str, Any]) -> socket.socket:

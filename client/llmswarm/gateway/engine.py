@@ -139,7 +139,8 @@ class _Watcher(StoppingCriteria):
             self.metrics.inter_token_latency.observe(now - self._last)
         self._last = now
         self.generated.extend(new)
-        session = self.model.active_session  # this thread's session, opened by generate()
+        # The generation's session: the decode loop's (decode_loop.py) passes it; else this thread's, opened by generate().
+        session = kwargs.get("session") or self.model.active_session
         if session is not None:
             self.chain = list(session.chain)
         piece = self.tracker.add(new)
