@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -193,6 +194,11 @@ def test_eight_concurrent_clients_get_their_local_outputs(swarm3, local_smollm2)
     loop = model.decode_loop  # one round per token for all eight (decode_loop.py), not a round per thread and token
     assert loop.rows == sum(len(r[0]) - len(ids[0]) for r, ids in zip(expected, inputs, strict=True))
     assert loop.rows / loop.rounds >= 4, (loop.rows, loop.rounds)
+    # Its thread is gone once idle: a process never exits under a loop thread that may be in torch.
+    deadline = time.monotonic() + 30
+    while any(t.name == "llmswarm-decode-loop" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the decode loop's thread outlived its generations"
+        time.sleep(0.01)
 
 
 # Hidden states rounded to 16 bits at every hop (client -> 3 servers -> client) against local float32 logits.

@@ -205,7 +205,7 @@ class DecodeLoop:
         if lanes < 1:
             raise ValueError("a decode loop needs at least one lane")
         self.model = model
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._lanes = [_Lane() for _ in range(lanes)]
         self.rounds = 0  # rounds run, over all lanes (tests and diagnostics)
         self.rows = 0  # generations stepped, summed over rounds
@@ -216,13 +216,14 @@ class DecodeLoop:
         if prompt.dim() != 2 or prompt.shape[0] != 1:
             raise ValueError("the decode loop takes one prompt of shape [1, tokens]")
         generation = _Generation(prompt.detach().cpu().to(torch.long), params, adapter)
-        with self._cond:
+        with self._lock:
             lane = min(self._lanes, key=lambda lane: lane.load)
             lane.pending.append(generation)
             if lane.thread is None:
-                lane.thread = threading.Thread(target=self._run, args=(lane,), name="llmswarm-decode-loop", daemon=True)
+                # Not a daemon, and gone as soon as its lane is idle: the interpreter never exits under a thread
+                # that may be in torch (a daemon's torch state torn down at exit aborted one client in ~25).
+                lane.thread = threading.Thread(target=self._run, args=(lane,), name="llmswarm-decode-loop")
                 lane.thread.start()
-            self._cond.notify_all()
         try:
             generation.done.wait()
         except BaseException:
@@ -237,9 +238,10 @@ class DecodeLoop:
     def _run(self, lane: _Lane) -> None:
         with torch.no_grad(), torch_threads(self.model.decode_threads):  # grad mode is per thread
             while True:
-                with self._cond:
-                    while not lane.active and not lane.pending:
-                        self._cond.wait()
+                with self._lock:
+                    if not lane.active and not lane.pending:
+                        lane.thread = None  # the next generation starts a new one
+                        return
                     lane.active.extend(lane.pending)
                     lane.pending = []
                     active = list(lane.active)
@@ -250,7 +252,7 @@ class DecodeLoop:
                     for generation in active:
                         self._finish(generation, error)
                     still = []
-                with self._cond:
+                with self._lock:
                     lane.active = still
 
     def _round(self, active: list[_Generation]) -> list[_Generation]:
@@ -272,7 +274,7 @@ class DecodeLoop:
             return []
         steps = [self._step(g) for g in running]
         outputs = step_together(steps)
-        with self._cond:
+        with self._lock:
             self.rounds += 1
             self.rows += len(running)
         stepped: list[tuple[_Generation, torch.Tensor]] = []
