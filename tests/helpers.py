@@ -21,8 +21,9 @@ def metric_total(text: str, name: str, **labels: str) -> float:
 
 @asynccontextmanager
 async def serving(app: web.Application) -> AsyncIterator[str]:
-    """Run `app` on a free port of 127.0.0.1; yields its base URL."""
-    runner = web.AppRunner(app, access_log=None)
+    """Run `app` on a free port of 127.0.0.1; yields its base URL. At the end, requests still in their handlers get
+    a second (aiohttp's default is a minute: a test's deliberately hung handler held its teardown that long)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
