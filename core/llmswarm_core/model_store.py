@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -120,32 +119,18 @@ def split_into_blocks(model: Any, target: Path, progress: bool = True) -> None:
     """Rewrite a safetensors model directory (`model`: a :class:`~llmswarm_core.source.ModelDir`) as a block
     cache at `target`, one block at a time: memory holds one block, never the whole model. Written into a
     temporary directory next to `target`, then renamed."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    from llmswarm_core.source import INDEX_FILE, block_file, staged, write_weight_files
 
-    from llmswarm_core.source import INDEX_FILE
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        groups: dict[str, list[str]] = {}
-        for key in model.weight_map:
-            parsed = model.arch.block_key(key)
-            groups.setdefault("client.safetensors" if parsed is None else f"block-{parsed[0]:05d}.safetensors", []).append(key)
-        weight_map: dict[str, str] = {}
-        for file, keys in tqdm(sorted(groups.items()), desc="splitting into blocks", unit="file", disable=not progress):
-            tensors = {name: tensor.contiguous() for name, tensor in model.tensors(keys).items()}
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(keys, file))
+    groups: dict[str, list[str]] = {}
+    for key in model.weight_map:
+        groups.setdefault(block_file(model.arch, key), []).append(key)
+    with staged(target) as tmp:
+        write_weight_files(tmp, {file: (lambda k=keys: model.tensors(k)) for file, keys in groups.items()}, progress,
+                           "splitting into blocks")
         for pattern in METADATA_PATTERNS:
             for item in model.path.glob(pattern):
                 if item.is_file() and item.name not in (INDEX_FILE, READY_FILE):
                     shutil.copyfile(item, tmp / item.name)
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -199,6 +199,36 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def block_file(arch: Architecture, key: str) -> str:
+    """The block-cache file that holds weight `key`: its block's, or the client part's."""
+    parsed = arch.block_key(key)
+    return "client.safetensors" if parsed is None else f"block-{parsed[0]:05d}.safetensors"
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A temporary directory next to `target`, renamed to `target` when the block ends, removed if it fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_weight_files(directory: Path, files: dict[str, Callable[[], dict[str, torch.Tensor]]], progress: bool,
+                       description: str) -> None:
+    """Write each file's tensors (read when it is written: one file in memory at a time) and the index."""
+    weight_map: dict[str, str] = {}
+    for file, tensors_of in tqdm(sorted(files.items()), desc=description, unit="file", disable=not progress):
+        tensors = {key: tensor.contiguous() for key, tensor in tensors_of().items()}
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+
+
 def write_block_cache(
     state: dict[str, torch.Tensor],
     config: PretrainedConfig,
@@ -209,27 +239,16 @@ def write_block_cache(
 ) -> None:
     """Write a full state dict as a block cache at `target` (atomically: tmp dir, then rename)."""
     arch = architecture_of(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        per_file: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state.items():
-            parsed = arch.block_key(key)
-            file = "client.safetensors" if parsed is None else f"block-{parsed[0]:05d}.safetensors"
-            per_file.setdefault(file, {})[key] = tensor.contiguous()
-        weight_map = {}
-        for file, tensors in tqdm(sorted(per_file.items()), desc="writing block cache", unit="file", disable=not progress):
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            weight_map.update({key: file for key in tensors})
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    per_file: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        per_file.setdefault(block_file(arch, key), {})[key] = tensor
+    with staged(target) as tmp:
+        write_weight_files(tmp, {file: (lambda t=tensors: t) for file, tensors in per_file.items()}, progress,
+                           "writing block cache")
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if generation is not None:
             generation.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert_gguf(gguf: Path, target: Path, progress: bool = True) -> None:
