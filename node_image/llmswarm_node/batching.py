@@ -164,23 +164,10 @@ def run_steps(span: SpanRunner, start: int, end: int, steps: list[StepInput], ad
     positions = torch.cat([s.full_positions() for s in steps])
     hidden = torch.cat([s.hidden.to(span.dtype) for s in steps])
     output = span.forward(hidden, mask, positions, combined, start, end, adapter=adapter, lora=rows_of(steps))
-    # Each session's cache becomes a view of its own rows of the combined cache (past and
-    # new tokens, without the padding): no copy, and the next update appends to it.
-    outputs, row = [], 0
-    views: list[list[torch.Tensor]] = []
-    for s in steps:
-        own = slice(row, row + s.rows)
-        first = longest - s.past
-        for index in range(num_layers):
-            shared, layer = combined.layers[index], s.cache.layers[index]
-            if not layer.is_initialized:
-                layer.lazy_initialization(shared.keys, shared.values)
-            layer.keys = shared.keys[own, :, first:]
-            layer.values = shared.values[own, :, first:]
-        views.append([layer.keys for layer in s.cache.layers])
-        outputs.append(output[own])
-        row += s.rows
-    kept = _Group(combined, [s.cache for s in steps], views, longest + new)
+    outputs = _hand_back(steps, combined, output, num_layers, [slice(longest - s.past, None) for s in steps],
+                         [slice(None)] * len(steps))
+    kept = _Group(combined, [s.cache for s in steps], [[layer.keys for layer in s.cache.layers] for s in steps],
+                  longest + new)
     for s in steps:
         setattr(s.cache, _GROUP_ATTRIBUTE, kept)
     return outputs
@@ -204,15 +191,23 @@ def _run_first_steps(span: SpanRunner, start: int, end: int, steps: list[StepInp
         row += s.rows
     combined = DynamicCache(config=span.view(start, end).config)
     output = span.forward(hidden, mask, positions, combined, start, end, adapter=adapter, lora=rows_of(steps))
+    own = [slice(None, s.new_tokens) for s in steps]  # without the padding on the right
+    return _hand_back(steps, combined, output, end - start, own, own)
+
+
+def _hand_back(steps: list[StepInput], combined: DynamicCache, output: torch.Tensor, num_layers: int,
+               cache_tokens: list[slice], output_tokens: list[slice]) -> list[torch.Tensor]:
+    """Each session's rows of the pass's output (its `output_tokens`), and its cache made a view of its own rows of
+    the combined cache (its `cache_tokens`, without the padding): no copy, and the next update appends to it."""
     outputs, row = [], 0
-    for s in steps:
-        own, n = slice(row, row + s.rows), s.new_tokens
-        for index in range(end - start):
+    for s, own_tokens, own_outputs in zip(steps, cache_tokens, output_tokens, strict=True):
+        own = slice(row, row + s.rows)
+        for index in range(num_layers):
             shared, layer = combined.layers[index], s.cache.layers[index]
             if not layer.is_initialized:
                 layer.lazy_initialization(shared.keys, shared.values)
-            layer.keys = shared.keys[own, :, :n]
-            layer.values = shared.values[own, :, :n]
-        outputs.append(output[own, :n])
+            layer.keys = shared.keys[own, :, own_tokens]
+            layer.values = shared.values[own, :, own_tokens]
+        outputs.append(output[own, own_outputs])
         row += s.rows
     return outputs
