@@ -180,34 +180,16 @@ class _Generation:
             bool(self.tokens) and self.tokens[-1] in self.params.eos_token_ids)
 
 
-class _Lane:
-    """A loop thread and the generations it steps."""
-
-    def __init__(self) -> None:
-        self.pending: list[_Generation] = []
-        self.active: list[_Generation] = []
-        self.thread: threading.Thread | None = None
-
-    @property
-    def load(self) -> int:
-        return len(self.pending) + len(self.active)
-
-
 class DecodeLoop:
-    """Runs the generations handed to :meth:`generate` from any thread together, one round per token.
+    """Runs the generations handed to :meth:`generate` from any thread together, one round per token."""
 
-    With `lanes` > 1 the generations are spread over that many loop threads, each running its own
-    rounds: while one lane's step is on the servers, another's is in the client's local work or on
-    another server, so the servers and the client's cores work at once, like a pipeline of micro-batches.
-    """
-
-    def __init__(self, model: LoopModel, lanes: int = 1) -> None:
-        if lanes < 1:
-            raise ValueError("a decode loop needs at least one lane")
+    def __init__(self, model: LoopModel) -> None:
         self.model = model
         self._lock = threading.Lock()
-        self._lanes = [_Lane() for _ in range(lanes)]
-        self.rounds = 0  # rounds run, over all lanes (tests and diagnostics)
+        self._pending: list[_Generation] = []  # handed in, not yet in a round
+        self._active: list[_Generation] = []
+        self._thread: threading.Thread | None = None
+        self.rounds = 0  # rounds run (tests and diagnostics)
         self.rows = 0  # generations stepped, summed over rounds
 
     def generate(self, prompt: torch.Tensor, params: DecodeParams, adapter: str | None = None) -> torch.Tensor:
@@ -217,13 +199,12 @@ class DecodeLoop:
             raise ValueError("the decode loop takes one prompt of shape [1, tokens]")
         generation = _Generation(prompt.detach().cpu().to(torch.long), params, adapter)
         with self._lock:
-            lane = min(self._lanes, key=lambda lane: lane.load)
-            lane.pending.append(generation)
-            if lane.thread is None:
-                # Not a daemon, and gone as soon as its lane is idle: the interpreter never exits under a thread
+            self._pending.append(generation)
+            if self._thread is None:
+                # Not a daemon, and gone as soon as the loop is idle: the interpreter never exits under a thread
                 # that may be in torch (a daemon's torch state torn down at exit aborted one client in ~25).
-                lane.thread = threading.Thread(target=self._run, args=(lane,), name="llmswarm-decode-loop")
-                lane.thread.start()
+                self._thread = threading.Thread(target=self._run, name="llmswarm-decode-loop")
+                self._thread.start()
         try:
             generation.done.wait()
         except BaseException:
@@ -234,17 +215,17 @@ class DecodeLoop:
         new = torch.tensor([generation.tokens], dtype=torch.long)
         return torch.cat([generation.prompt, new], dim=1).to(prompt.device)
 
-    # ---- the loop threads -----------------------------------------------------------------------------------
-    def _run(self, lane: _Lane) -> None:
+    # ---- the loop thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
         with torch.no_grad(), torch_threads(self.model.decode_threads):  # grad mode is per thread
             while True:
                 with self._lock:
-                    if not lane.active and not lane.pending:
-                        lane.thread = None  # the next generation starts a new one
+                    if not self._active and not self._pending:
+                        self._thread = None  # the next generation starts a new one
                         return
-                    lane.active.extend(lane.pending)
-                    lane.pending = []
-                    active = list(lane.active)
+                    self._active.extend(self._pending)
+                    self._pending = []
+                    active = list(self._active)
                 try:
                     still = self._round(active)
                 except BaseException as error:  # a defect here must not hang the callers
@@ -253,7 +234,7 @@ class DecodeLoop:
                         self._finish(generation, error)
                     still = []
                 with self._lock:
-                    lane.active = still
+                    self._active = still
 
     def _round(self, active: list[_Generation]) -> list[_Generation]:
         """One token for each generation; returns those still running."""
