@@ -168,7 +168,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         blocks_per_server=args.blocks_per_server, host=args.host, port=args.port, dtype=args.dtype,
         threads=args.threads, token=token_from_env(args.token),
         authority_key=authority_from_env(args.authority_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_ca=args.tls_ca, server_args=["--quantization", args.quantization],
+        tls_ca=args.tls_ca, server_args=["--quantization", args.quantization], relay=args.relay,
+        server_host=args.server_host,
     )
     if args.blocks_per_server is not None and args.servers_given is False:
         options.servers = None
@@ -248,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--blocks-per-server", type=int, default=None, help="fix the span size")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=ROUTE_MAP_PORT, help="route-map port")
+    up.add_argument("--server-host", help="the block servers' listening address (default: --host); 127.0.0.1 keeps "
+                                          "them private to this machine, reached from outside through --relay")
+    up.add_argument("--relay", action="store_true",
+                    help="the route map relays: servers behind NAT attach (serve --join URL --relay) and clients "
+                         "outside (ClientConfig(relay=True)) reach every server through its one address")
     up.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
     up.add_argument("--quantization", choices=("none", "int8", "nf4"), default="none",
                     help="quantize the servers' blocks with bitsandbytes")

@@ -31,6 +31,9 @@ class ClientConfig:
     # A session's step goes to its first server with the rest of the chain, and each server pushes its
     # output straight to the next (see llmswarm_node/push.py): one client round trip per step, not per hop.
     push: bool = True
+    # Reach every server through the route map's relay (<swarm>/relay/<id>, llmswarm_core/relay.py): for a client
+    # outside the cluster, which reaches only the swarm's one public address. The route map must run with --relay.
+    relay: bool = False
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in get_args(WireDtype):

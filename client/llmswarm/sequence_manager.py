@@ -21,7 +21,8 @@ import requests
 from llmswarm.config import ClientConfig
 from llmswarm.errors import SwarmError
 from llmswarm.routing import Hop, NoRoute, choose_chain
-from llmswarm_core.routemap import RouteMap
+from llmswarm_core.relay import relay_url
+from llmswarm_core.routemap import RouteMap, ServerRecord
 from llmswarm_core.routemap_client import RouteMapError, fetch_routes
 from llmswarm_core.security import PlainCredentialWarning, client_ssl_context, sends_credential_in_clear
 
@@ -98,8 +99,12 @@ class SwarmClient:
         with self._lock:
             self._routes, self._fetched = routes, time.monotonic()
         for server in routes.servers:
-            self._warn_if_in_clear(server.url)
+            self._warn_if_in_clear(self.address(server))
         return routes
+
+    def address(self, server: ServerRecord) -> str:
+        """Where this client reaches `server`: its listed URL, or the route map's relay for it (config.relay)."""
+        return relay_url(self.url, server.id) if self.config.relay else server.url
 
     def _warn_if_in_clear(self, url: str) -> None:
         """Warn once per host where the credential would go over plain http to an address that is not loopback."""
@@ -170,7 +175,7 @@ class SwarmClient:
         for refresh in (False, True):
             routes = self.routes(refresh=refresh)
             candidates = [s for s in routes.servers if s.state == "online" and s.id not in avoid]
-            rtt = {s.id: self.rtt(s.id, s.url) for s in candidates if s.start < end and s.end > start}
+            rtt = {s.id: self.rtt(s.id, self.address(s)) for s in candidates if s.start < end and s.end > start}
             try:
                 return choose_chain(candidates, start, end, rtt)
             except NoRoute:

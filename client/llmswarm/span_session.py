@@ -38,7 +38,7 @@ class SpanSession:
         self._ids = iter(range(1, 2**31))
         self.position = 0  # tokens this server's session holds
         self._sent_at = 0.0
-        ws_url = hop.server.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/session"
+        ws_url = client.address(hop.server).replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/session"
         config = client.config
         try:
             self.socket = Connection(

@@ -82,7 +82,8 @@ class RemoteSequential:
             else:
                 payload[name] = tensor.to(wire_dtype) if tensor.is_floating_point() else tensor.to(torch.int64)
         response = self.client.http.post(
-            f"{hop.server.url}/v1/{request.kind}", data=wire.request_frame(request, payload), timeout=config.request_timeout,
+            f"{self.client.address(hop.server)}/v1/{request.kind}", data=wire.request_frame(request, payload),
+            timeout=config.request_timeout,
             headers={"Content-Type": "application/octet-stream"}, verify=self.client.verify,
         )
         if response.status_code == 401:

@@ -110,7 +110,8 @@ class Connection:
                 elif frame.opcode is Opcode.CONT and opcode is not None:
                     parts.append(frame.data)
                 elif frame.opcode is Opcode.CLOSE:
-                    raise ConnectionClosed(f"the server closed the connection: {self._protocol.close_exc}")
+                    # The closing handshake may not be over yet (the peer waits for our close frame): what it sent.
+                    raise ConnectionClosed(f"the server closed the connection: {self._protocol.close_rcvd}")
                 else:
                     continue  # ping (answered by the protocol) or pong
                 if frame.fin:

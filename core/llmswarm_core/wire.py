@@ -120,7 +120,7 @@ class PushTarget(_Strict):
     """Where a server sends a step's output: the next hop's server, session and the step's request id there;
     `push` goes on from that server (the rest of the chain)."""
 
-    url: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^https?://[^\s/]+$")]
+    url: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^https?://[^\s/]+(/[A-Za-z0-9_.\-]+)*$")]
     session: NonNegInt
     key: Annotated[str, Field(min_length=16, max_length=64)]
     request_id: NonNegInt

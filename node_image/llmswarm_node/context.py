@@ -36,6 +36,9 @@ class ServerOptions:
     tls_ca: str | None = None  # CA bundle to verify an https route map
     drain_timeout: float = 30.0  # seconds open sessions may take to finish after SIGTERM
     push: bool = True  # hand step outputs straight to the next server of a client's chain (push.py)
+    # Serve through the route map's relay (relay_agent.py): dial out, be listed at the route map's address, and
+    # reach the other servers through it too (for a server that nobody can connect to, or that reaches no other).
+    relay: bool = False
 
 
 @dataclass

@@ -75,6 +75,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="route-map URL to announce this server to (--join: a swarm elsewhere, e.g. a Kubernetes "
                              "Swarm's public route map; give --public-url, the address its clients reach this server "
                              "at, and a credential holding use and join as --token)")
+    parser.add_argument("--relay", action="store_true",
+                        help="with --join: serve through the route map's relay (it must run with --relay): the server "
+                             "dials out and is listed at the route map's address, for a machine nobody can connect to "
+                             "(behind NAT or a firewall); it reaches the other servers through the relay too")
     parser.add_argument("--server-id", help="stable id in the route map (default: the id of the server's key, srv-...; "
                              "a named id belongs to the first key "
                              "that announces it, for the route map's life)")
@@ -176,6 +180,9 @@ def run_serve(args: argparse.Namespace) -> int:
     bulk_threads = args.threads or torch.get_num_threads()
     decode_threads = args.decode_threads or bulk_threads
     torch.set_num_threads(decode_threads)
+    if args.relay and not args.swarm:
+        print("error: --relay serves through a route map's relay: give the route map with --join URL", file=sys.stderr)
+        return 2
     source = resolve(args.model, progress=not args.quiet)
     start, end = args.blocks
     if end > source.num_blocks:
@@ -218,7 +225,7 @@ def run_serve(args: argparse.Namespace) -> int:
         ),
         token=token_from_env(args.token), authority_key=authority_from_env(args.authority_key),
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
-        drain_timeout=args.drain_timeout, push=args.push,
+        drain_timeout=args.drain_timeout, push=args.push, relay=args.relay,
         lora=LoraLimits(max_rank=args.max_lora_rank, max_request_bytes=args.max_lora_bytes,
                         session_bytes=args.lora_session_bytes, published_bytes=args.published_adapter_bytes),
     )

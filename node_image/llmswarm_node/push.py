@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from llmswarm_core import wire
+from llmswarm_core.relay import RELAY_PREFIX, relay_url
 from llmswarm_core.routemap import RouteMap
 from llmswarm_core.routemap_client import RouteMapClient, RouteMapError, auth_headers
 from llmswarm_core.security import client_ssl_context
@@ -55,6 +56,7 @@ class PeerDirectory:
         self.routes = routes
         self.on_read = on_read  # told each map read (the server learns revoked credentials from it)
         self._urls: set[str] = set()
+        self._ids: dict[str, str] = {}  # listed URL -> server id
         self._read_at = float("-inf")
         self._reading: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
@@ -92,12 +94,17 @@ class PeerDirectory:
         try:
             read = await routes.routes()
             self._urls = {server.url for server in read.servers}
+            self._ids = {server.url: server.id for server in read.servers}
             if self.on_read is not None:
                 self.on_read(read)
         except RouteMapError as error:
             log.warning("cannot read the route map to check push targets: %s", error)
         finally:
             self._reading = None
+
+    def server_id(self, url: str) -> str | None:
+        """The id of the server listed at `url` when the map was last read."""
+        return self._ids.get(url)
 
     async def settled(self) -> None:
         """Wait for a read in progress, if any."""
@@ -115,7 +122,8 @@ class PeerDirectory:
 class Pusher:
     """Kept-open push connections to the other servers, one per server URL."""
 
-    def __init__(self, peers: PeerDirectory, token: str | None, tls_ca: str | None, timeout: float = 5.0) -> None:
+    def __init__(self, peers: PeerDirectory, token: str | None, tls_ca: str | None, timeout: float = 5.0,
+                 relay: str | None = None) -> None:
         connector = aiohttp.TCPConnector(ssl=client_ssl_context(tls_ca)) if tls_ca else None
         # Each push has one deadline (`timeout`: connecting, the handshake and the send); a kept connection
         # then has no timeout of its own.
@@ -123,6 +131,7 @@ class Pusher:
                                            connector=connector, headers=auth_headers(token) or None)
         self.peers = peers
         self.timeout = timeout
+        self.relay = relay  # reach every peer through this route map's relay (a server behind NAT: relay_agent.py)
         self._sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
         self._used: dict[str, float] = {}  # url -> when its kept connection last sent
         self._connecting: dict[str, asyncio.Lock] = {}
@@ -170,12 +179,19 @@ class Pusher:
         async with self._connecting.setdefault(url, asyncio.Lock()):
             socket_ = self._sockets.get(url)
             if socket_ is None or socket_.closed:
-                ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/push"
+                ws_url = self._address(url).replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/push"
                 socket_ = await self._http.ws_connect(ws_url, autoping=True, heartbeat=None)
                 self._sockets[url] = socket_
                 self._used[url] = time.monotonic()
                 self._background(self._read_refusals(url, socket_))
             return socket_
+
+    def _address(self, url: str) -> str:
+        """Where the peer listed at `url` is reached: through the relay where this server uses one."""
+        server_id = self.peers.server_id(url)
+        if self.relay is None or server_id is None or url.startswith(self.relay + RELAY_PREFIX):
+            return url
+        return relay_url(self.relay, server_id)
 
     async def _read_refusals(self, url: str, socket_: aiohttp.ClientWebSocketResponse) -> None:
         """A peer answers on the push connection only when it refuses a push outright (bad session or key)."""

@@ -48,6 +48,7 @@ from llmswarm_node.context import Node, ServerOptions
 from llmswarm_node.http_handlers import HttpHandlers
 from llmswarm_node.metrics import ServerMetrics
 from llmswarm_node.push import FRESH_SECONDS, Pusher
+from llmswarm_node.relay_agent import RelayAgent
 from llmswarm_node.scheduler import Scheduler
 from llmswarm_node.session_handlers import FRAME_SLACK, SessionHandlers
 from llmswarm_node.sessions import SessionTable
@@ -125,8 +126,9 @@ class BlockServer:
         self._tasks.append(asyncio.create_task(self._expire_sessions()))
         peers = self.announcer.peers(self._learn_revocations)
         peers.keep_fresh(FRESH_SECONDS)
+        relay_base = self.options.swarm if self.options.relay else None
         self.session_handlers.pusher = Pusher(peers, self.options.token, self.options.tls_ca,
-                                              timeout=self.node.limits.push_timeout)
+                                              timeout=self.node.limits.push_timeout, relay=relay_base)
 
     async def _stop_background(self, app: web.Application) -> None:
         for task in self._tasks:
@@ -170,8 +172,15 @@ async def serve(server: BlockServer, host: str, port: int, stop: asyncio.Event |
     await site.start()
     node = server.node
     bound_port = runner.addresses[0][1]
-    if not node.url:
-        node.url = f"{'https' if context else 'http'}://{host}:{bound_port}"
+    scheme = "https" if context else "http"
+    agent = None
+    if server.options.relay and server.options.swarm:
+        local = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        agent = RelayAgent(server.options.swarm, node.id, node.identity, server.options.token, server.options.tls_ca,
+                           f"{scheme}://{local}:{bound_port}", node.limits.max_message_bytes + FRAME_SLACK)
+        node.url = await agent.start()
+    elif not node.url:
+        node.url = f"{scheme}://{host}:{bound_port}"
     node.state = "online"
     server.announcer.start_heartbeat()
     print(f"llmswarm-node {node.id} serving blocks [{node.span.start}, {node.span.end}) at {node.url}", flush=True)
@@ -180,3 +189,5 @@ async def serve(server: BlockServer, host: str, port: int, stop: asyncio.Event |
         await server.drain()
     finally:
         await runner.cleanup()
+        if agent is not None:
+            await agent.close()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmswarm_control.server_identities import IdentityBook
 from llmswarm_core.credentials import Role, Verifier
+from llmswarm_core.relay import ACCEPT_PATH, ATTACH_PATH, RELAY_PREFIX
 from llmswarm_core.security import OPEN_PATHS
 
 MAX_REVOKED = 10_000  # revoked credential ids the map lists (beyond it, rotate the authority key)
@@ -33,6 +34,11 @@ def role_of(request: web.Request) -> Role | tuple[Role, ...] | None:
     path = request.path
     if path in OPEN_PATHS:
         return None
+    if path.startswith(RELAY_PREFIX):  # relayed to a server, which checks the credential itself too
+        tail = "/" + path[len(RELAY_PREFIX):].partition("/")[2]
+        return None if tail in OPEN_PATHS else "use"
+    if path in (ATTACH_PATH, ACCEPT_PATH):
+        return "join"
     if request.method == "DELETE" and path.startswith("/v1/adapters/"):
         return ("use", "admin")  # its publisher, or an admin
     if path.startswith("/v1/admin/"):

@@ -31,6 +31,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -42,6 +43,7 @@ from pydantic import ValidationError
 from llmswarm_control.adapter_routes import AdapterRoutes
 from llmswarm_control.adapters import AdapterLimits, AdapterStore
 from llmswarm_control.record_watch import ConfigMapRef, ConfigMapWatch
+from llmswarm_control.relay_hub import RelayHub, RelayLimits
 from llmswarm_control.routemap_access import AdminRoutes, role_of
 from llmswarm_control.routemap_authority import Announcements, Authority, OperatorRecord
 from llmswarm_control.routetable import ModelMismatch
@@ -76,6 +78,14 @@ def prometheus_targets(routes: RouteMap) -> list[dict[str, object]]:
         path = url.path.rstrip("/") + "/metrics"
         groups.append({"targets": [url.netloc], "labels": {"__scheme__": url.scheme, "__metrics_path__": path}})
     return groups
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    """The route map relays (relay_hub.py); `public_url`: where outside clients and servers reach it."""
+
+    public_url: str | None = None
+    limits: RelayLimits = field(default_factory=RelayLimits)
 
 
 class RouteMapMetrics:
@@ -186,7 +196,8 @@ class RouteMapService:
     def __init__(self, authority: Authority, token: str | None = None, interval: float = 1.0,
                  poll: Callable[[], object] | None = None, clock: Callable[[], float] = time.monotonic,
                  identities: IdentityBook | None = None, tls_ca: str | None = None,
-                 adapters: AdapterStore | None = None, authority_key: str | None = None) -> None:
+                 adapters: AdapterStore | None = None, authority_key: str | None = None,
+                 relay: RelayOptions | None = None) -> None:
         self.authority = authority
         self.adapters = adapters or AdapterStore()  # published LoRA adapters (adapters.py)
         # Who may speak for which server id, and which addresses proved to be theirs (see server_identities):
@@ -204,14 +215,19 @@ class RouteMapService:
         self.registry = self.metrics_.registry
         self.published = authority.snapshot()
         self._task: asyncio.Task[None] | None = None
+        # With a relay (relay_hub.py): servers behind NAT attach, and clients reach any server through this address.
+        self.relay = None if relay is None else RelayHub(
+            self.identities, lambda: self.published, self.registry, relay.public_url, tls_ca, relay.limits,
+            lambda reason: self.metrics_.refusals.labels(reason).inc())
 
     @classmethod
     def announcements(cls, model: ModelInfo | None = None, token: str | None = None, interval: float = 1.0,
                       adapters: AdapterStore | None = None, identities: IdentityBook | None = None,
-                      tls_ca: str | None = None, authority_key: str | None = None) -> RouteMapService:
+                      tls_ca: str | None = None, authority_key: str | None = None,
+                      relay: RelayOptions | None = None) -> RouteMapService:
         """Announcements only (the local substrate)."""
         return cls(Announcements(model), token, interval, adapters=adapters, identities=identities, tls_ca=tls_ca,
-                   authority_key=authority_key)
+                   authority_key=authority_key, relay=relay)
 
     #: With a record in a ConfigMap: the watch that brings each new one through the API (see record_watch).
     watch: ConfigMapWatch | None = None
@@ -220,12 +236,12 @@ class RouteMapService:
     @classmethod
     def from_record(cls, path: Path, token: str | None = None, interval: float = 1.0,
                     configmap: ConfigMapRef | None = None, identities: IdentityBook | None = None,
-                    tls_ca: str | None = None) -> RouteMapService:
+                    tls_ca: str | None = None, relay: RelayOptions | None = None) -> RouteMapService:
         """The operator's record in `path` plus announcements (Kubernetes); with `configmap`, the same record
         watched through the API as well (the newer of the two counts: the mounted file lags a minute)."""
         authority = OperatorRecord()
         service = cls(authority, token, interval, poll=RecordFile(path, lambda routes: authority.load(routes, "file")).poll,
-                      identities=identities, tls_ca=tls_ca)
+                      identities=identities, tls_ca=tls_ca, relay=relay)
         if configmap is not None:
             def from_api(routes: RouteMap) -> None:
                 authority.load(routes, "api")
@@ -246,6 +262,8 @@ class RouteMapService:
         app.router.add_get("/metrics", self.metrics)
         AdapterRoutes(self.adapters, lambda: self.published.model).add_routes(app)
         AdminRoutes(self.identities, self.verifier, self.authority.leave, self._republish).add_routes(app)
+        if self.relay is not None:
+            self.relay.add_routes(app)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -318,14 +336,12 @@ class RouteMapService:
     async def _challenge(self, announcement: Announcement, key: str) -> None:
         server = announcement.server
         challenge = secrets.token_urlsafe(24)
-        connector = aiohttp.TCPConnector(ssl=client_ssl_context(self._tls_ca)) if server.url.startswith("https://") else None
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CHALLENGE_TIMEOUT), connector=connector) as http:
-                async with http.get(f"{server.url}/v1/identity", params={"challenge": challenge}) as response:
-                    if response.status != 200:
-                        raise IdentityError(f"HTTP {response.status}")
-                    proof = IdentityProof.model_validate_json(await response.read())
-            proof.check(challenge, server.id, server.url, key)
+            async with asyncio.timeout(CHALLENGE_TIMEOUT):
+                status, body = await self._ask_identity(server.id, server.url, challenge)
+            if status != 200:
+                raise IdentityError(f"HTTP {status}")
+            IdentityProof.model_validate_json(body).check(challenge, server.id, server.url, key)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, IdentityError) as error:
             self.metrics_.refusals.labels("address").inc()
             log.warning("server %s did not prove it answers at %s: %s", server.id, server.url, error)
@@ -334,6 +350,18 @@ class RouteMapService:
         with contextlib.suppress(ModelMismatch):
             self.authority.announce(announcement, self.clock())
         self.published = self.authority.snapshot()
+
+    async def _ask_identity(self, server_id: str, url: str, challenge: str) -> tuple[int, bytes]:
+        """`GET <url>/v1/identity?challenge=...`: through the server's tunnel where it is attached to this route map's
+        relay at that address (the route map need not reach its own public address), else over the network."""
+        attached = self.relay.attached.get(server_id) if self.relay is not None else None
+        if attached is not None and attached.url == url:
+            reply, body = await self.relay.get(server_id, "/v1/identity", f"challenge={challenge}")  # type: ignore[union-attr]
+            return reply.status, body
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(self._tls_ca)) if url.startswith("https://") else None
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(f"{url}/v1/identity", params={"challenge": challenge}) as response:
+                return response.status, await response.read()
 
     async def leave(self, request: web.Request) -> web.Response:
         server_id = request.match_info["server_id"]
@@ -385,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list servers whose announcements are not signed (servers that predate identities), and "
                              "without checking that their address answers as them: anyone with the join credential "
                              "can then speak for any server")
+    parser.add_argument("--relay", action="store_true",
+                        help="relay for the swarm (llmswarm_core/relay.py): servers behind NAT attach and are listed at "
+                             "this route map's address, and clients outside the cluster reach every server through it")
+    parser.add_argument("--public-url", help="with --relay: the address outside clients and servers reach this route "
+                                             "map at (default: the one each attaching server dialled)")
     limits = AdapterLimits()
     parser.add_argument("--max-adapter-bytes", type=int, default=limits.max_adapter_bytes,
                         help="largest published LoRA adapter (a safetensors file)")
@@ -404,10 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     configmap = ConfigMapRef.in_cluster(args.configmap, args.namespace) if args.configmap else None
     identities = (IdentityBook(require_signatures=False, check_addresses=False) if args.allow_unsigned
                   else IdentityBook())
-    service = (RouteMapService.from_record(args.routes, token, args.interval, configmap, identities, args.tls_ca)
+    relay = RelayOptions(public_url=args.public_url) if args.relay else None
+    service = (RouteMapService.from_record(args.routes, token, args.interval, configmap, identities, args.tls_ca, relay)
                if args.routes else
                RouteMapService.announcements(token=token, interval=args.interval, identities=identities,
-                                             tls_ca=args.tls_ca))
+                                             tls_ca=args.tls_ca, relay=relay))
     # Without the model's blocks at hand, published adapters are checked for their own consistency here and
     # against the real modules by each server as it loads its span's rows.
     service.verifier.authority_key = authority_key

@@ -54,13 +54,18 @@ class IdentityBook:
             announcement.check_signature()
         except IdentityError as error:
             raise IdentityRefused("signature", f"the announcement's signature does not check out: {error}") from None
+        self.claim(server_id, key)
+        if self.needs_proof(announcement):
+            return announcement.model_copy(update={"server": announcement.server.model_copy(update={"state": "joining"})})
+        return announcement
+
+    def claim(self, server_id: str, key: str) -> None:
+        """`key` speaks for `server_id` from now on (the id's first key, or the key it derives from); raises
+        IdentityRefused where the id belongs to another key (a hijack)."""
         if server_id.startswith(ID_PREFIX) and id_of(key) != server_id:
             raise IdentityRefused("hijack", f"server id {server_id} is not the id of the announcing key ({id_of(key)})")
         if self.keys.setdefault(server_id, key) != key:
             raise IdentityRefused("hijack", f"server id {server_id} belongs to another key")
-        if self.needs_proof(announcement):
-            return announcement.model_copy(update={"server": announcement.server.model_copy(update={"state": "joining"})})
-        return announcement
 
     def needs_proof(self, announcement: Announcement) -> bool:
         """Whether the announcement says ``online`` from an address that has not proven to be this server."""

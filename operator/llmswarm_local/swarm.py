@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llmswarm_control.adapters import AdapterStore
 from llmswarm_control.placement import place_spans
-from llmswarm_control.routemap_service import RouteMapService
+from llmswarm_control.routemap_service import RelayOptions, RouteMapService
 from llmswarm_core.defaults import DEFAULT_MODEL, ROUTE_MAP_PORT
 from llmswarm_core.lora import model_block_modules
 from llmswarm_core.routemap import ModelInfo, RouteMap
@@ -60,6 +60,8 @@ class LocalSwarmOptions:
     tls_key: str | None = None
     tls_ca: str | None = None  # CA bundle the servers use to verify the route map
     authority_key: str | None = None  # credentials signed by this key are checked for their roles (credentials.py)
+    relay: bool = False  # the route map relays: servers behind NAT attach, outside clients reach every server through it
+    server_host: str | None = None  # the servers' listening address (default: `host`; 127.0.0.1 keeps them private)
 
 
 class _RouteMapThread:
@@ -67,9 +69,10 @@ class _RouteMapThread:
 
     def __init__(self, host: str, port: int, model: ModelInfo, token: str | None = None,
                  ssl_context: ssl.SSLContext | None = None, adapters: AdapterStore | None = None,
-                 tls_ca: str | None = None, authority_key: str | None = None) -> None:
+                 tls_ca: str | None = None, authority_key: str | None = None, relay: bool = False) -> None:
         self.service = RouteMapService.announcements(model, token=token, adapters=adapters, tls_ca=tls_ca,
-                                                     authority_key=authority_key)
+                                                     authority_key=authority_key,
+                                                     relay=RelayOptions() if relay else None)
         self._ssl = ssl_context
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -135,7 +138,8 @@ class LocalSwarm:
         context = server_ssl_context(o.tls_cert, o.tls_key)
         # Published adapters are checked against the model's own block modules (adapters.py)
         adapters = AdapterStore(shapes=model_block_modules(source.config)[0])
-        self._routemap = _RouteMapThread(o.host, o.port, model, o.token, context, adapters, o.tls_ca, o.authority_key)
+        self._routemap = _RouteMapThread(o.host, o.port, model, o.token, context, adapters, o.tls_ca, o.authority_key,
+                                         o.relay)
         self.url = f"{'https' if context else 'http'}://{o.host}:{self._routemap.port}"
         self.log_dir = o.log_dir or Path(tempfile.mkdtemp(prefix="llmswarm-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +161,7 @@ class LocalSwarm:
         o = self.options
         command = [
             sys.executable, "-m", "llmswarm_node.main", "--model", o.model, "--blocks", str(span),
-            "--host", o.host, "--port", "0", "--swarm", self.url, "--server-id", server_id,
+            "--host", o.server_host or o.host, "--port", "0", "--swarm", self.url, "--server-id", server_id,
             "--identity-file", str(self.identity_file(server_id)),
             "--dtype", o.dtype, "--quiet", *o.server_args,
         ]

@@ -1,18 +1,21 @@
-"""An outside server joins a swarm from another host (issue #16), emulated with network namespaces.
+"""An outside server behind NAT joins a swarm, and a laptop reaches it through one public address (issue #16).
 
 Three hosts on one bridge, each a network namespace with its own address (10.244.0.0/16, only inside the
 namespaces this test creates, all removed at the end):
 
-- *cluster*: ``llmswarm up`` (the route map and two servers, blocks [0, 15) and [15, 30)), checking credentials
-  of the swarm's authority;
-- *volunteer*: ``llmswarm serve --join`` with a credential holding use and join, its own key, blocks [15, 30);
-- *laptop*: a Python client holding a use credential.
+- *cluster*: ``llmswarm up --relay`` checking credentials of the swarm's authority. Its route map listens on the
+  host's address: the swarm's one public address. Its two servers (blocks [0, 15) and [15, 30)) listen on the
+  host's loopback only, as pods listen on addresses that only their cluster reaches;
+- *volunteer*: ``llmswarm serve --join URL --relay`` with a credential holding use and join, its own key, blocks
+  [15, 30), listening on its loopback only: nothing can connect to it. It dials out to the relay and is listed at
+  ``<public address>/relay/volunteer-1``;
+- *laptop*: a Python client holding a use credential, with ``ClientConfig(relay=True)``: it reaches every server
+  through the public address (the servers' listed addresses are loopback addresses of another host).
 
-From the laptop, greedy generation through a chain that goes through the volunteer's server equals local
-transformers exactly, a prompt-tuning step through it gives the local loss and gradients, and a SIGKILL of the
+From the laptop, greedy generation through a chain that mixes a cluster server and the volunteer's server equals
+local transformers exactly, a prompt-tuning step through it gives the local loss and gradients, and a SIGKILL of the
 volunteer in the middle of a generation still gives identical output (the client fails over to the cluster's server
-of those blocks and replays the session there). Not covered here (see the issue's note): a volunteer behind NAT (no
-relay yet) and a laptop that reaches only a public address.
+of those blocks and replays the session there).
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ PROMPT = "Name three rivers in Europe."
 TUNE = """
 import json, sys, torch
 from llmswarm import DistributedModelForCausalLM
+from llmswarm.config import ClientConfig
 
 url, avoid, text = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.manual_seed(0)
 model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=url, tuning_mode="ptune", pre_seq_len=4,
-                                                    progress=False)
+                                                    progress=False, client_config=ClientConfig(relay=True))
 model.client.ban(avoid, 10**9)  # the backward goes through the volunteer's server too
 ids = model.tokenizer([text], return_tensors="pt")["input_ids"]
 loss = model(input_ids=ids, labels=ids).loss
@@ -73,7 +77,7 @@ from transformers import TextStreamer
 
 url, avoid, pause = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=url, progress=False,
-                                                    client_config=ClientConfig(max_retries=8))
+                                                    client_config=ClientConfig(max_retries=8, relay=True))
 model.client.ban(avoid, 10**9)  # the chain goes through the volunteer's server
 ids = model.tokenizer.apply_chat_template([{"role": "user", "content": sys.argv[4]}], add_generation_prompt=True,
                                           return_tensors="pt")
@@ -146,16 +150,22 @@ async def test_a_volunteer_server_on_another_host_serves_a_laptop_exactly_and_it
     base_env = {**os.environ, AUTHORITY_ENV: authority.public_key, "TOKENIZERS_PARALLELISM": "false"}
     url = f"http://{cluster.ip}:{PORT}"
     up = in_host(cluster, sys.executable, "-m", "llmswarm_cli.main", "up", "--host", cluster.ip, "--port", str(PORT),
-                 "--servers", "2", "--blocks-per-server", "15", env={**base_env, TOKEN_ENV: operator_credential},
-                 log=LOGS / "cluster.log")
+                 "--server-host", "127.0.0.1", "--relay", "--servers", "2", "--blocks-per-server", "15",
+                 env={**base_env, TOKEN_ENV: operator_credential}, log=LOGS / "cluster.log")
     serve = in_host(volunteer, sys.executable, "-m", "llmswarm_node.main", "--model", "smollm2", "--blocks", "15:30",
-                    "--host", volunteer.ip, "--port", str(PORT + 1), "--public-url", f"http://{volunteer.ip}:{PORT + 1}",
-                    "--join", url, "--server-id", "volunteer-1", "--identity-file", str(tmp_path / "volunteer.pem"),
-                    "--quiet", env={**base_env, TOKEN_ENV: volunteer_credential}, log=LOGS / "volunteer.log")
+                    "--host", "127.0.0.1", "--port", str(PORT + 1), "--join", url, "--relay", "--server-id", "volunteer-1",
+                    "--identity-file", str(tmp_path / "volunteer.pem"), "--quiet",
+                    env={**base_env, TOKEN_ENV: volunteer_credential}, log=LOGS / "volunteer.log")
     try:
         # The route map lists the volunteer online only once its address answered the identity challenge; the test
         # process is in no namespace of the three: it asks from the laptop.
         await until(lambda: _routes_from(laptop, url, laptop_credential), 300, "the three servers online")
+        listed = _listed_urls(laptop, url, laptop_credential)
+        assert listed["volunteer-1"] == f"{url}/relay/volunteer-1"
+        # Nothing reaches the volunteer, and the laptop reaches no server at its listed address: only the relay.
+        assert not _connects(cluster, f"http://{volunteer.ip}:{PORT + 1}/healthz")
+        assert not _connects(laptop, listed["local-1"] + "/healthz")
+        assert _connects(cluster, listed["local-1"] + "/healthz")
         ids = chat_ids(AutoTokenizer.from_pretrained(smollm2.path), PROMPT)
         expected = local_smollm2.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                                           do_sample=False)[0].tolist()
@@ -201,6 +211,23 @@ async def test_a_volunteer_server_on_another_host_serves_a_laptop_exactly_and_it
     finally:
         stop(serve)
         stop(up)
+
+
+def _connects(host: PodAddress, url: str) -> bool:
+    """Whether an HTTP GET of `url` from `host` gets any answer."""
+    probe = "import sys, urllib.request\nurllib.request.urlopen(sys.argv[1], timeout=3)\n"
+    done = subprocess.run(["ip", "netns", "exec", host.namespace, sys.executable, "-c", probe, url], capture_output=True,
+                          timeout=30)
+    return done.returncode == 0
+
+
+def _listed_urls(host: PodAddress, url: str, credential: str) -> dict[str, str]:
+    probe = ("import json, sys, urllib.request\n"
+             "request = urllib.request.Request(sys.argv[1] + '/v1/routes', headers={'Authorization': 'Bearer ' + sys.argv[2]})\n"
+             "print(json.dumps({s['id']: s['url'] for s in json.load(urllib.request.urlopen(request, timeout=5))['servers']}))\n")
+    done = subprocess.run(["ip", "netns", "exec", host.namespace, sys.executable, "-c", probe, url, credential],
+                          capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(done.stdout)
 
 
 def _routes_from(host: PodAddress, url: str, credential: str) -> bool:
