@@ -142,6 +142,15 @@ async def test_a_server_the_route_map_reaches_is_forwarded_to_at_its_listed_addr
                 assert (await socket_.receive(10)).data == b"hihi"
             async with http.get(f"{url}/relay/nobody/info") as response:
                 assert response.status == 404
+    # A server whose address has not answered as it (joining) is not forwarded to: nobody reaches an address
+    # through the relay by announcing it.
+    async with serving(small_server()) as local:
+        record = ServerRecord(id="unproven-0", url=local, start=0, end=4, throughput=10.0, state="joining")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {JOIN}"}) as http:
+            async with http.post(f"{url}/v1/servers", json=Announcement(model=MODEL, server=record).model_dump()) as r:
+                assert r.status == 200, await r.text()
+            async with http.post(f"{url}/relay/unproven-0/v1/forward", data=b"abc") as response:
+                assert response.status == 404
     assert service.registry.get_sample_value("llmswarm_relay_requests_total", {"via": "direct", "kind": "websocket"}) == 1
 
 

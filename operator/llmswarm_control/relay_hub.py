@@ -172,7 +172,8 @@ class RelayHub:
         server_id = request.match_info["server_id"]
         try:
             relayed = RelayRequest(method=request.method, path="/" + request.match_info["tail"],  # type: ignore[arg-type]
-                                   query=request.rel_url.raw_query_string, headers=relay.pick_headers(request.headers, relay.REQUEST_HEADERS),
+                                   query=request.rel_url.raw_query_string,
+                                   headers=relay.pick_headers(request.headers, relay.REQUEST_HEADERS),
                                    websocket=request.headers.get("Upgrade", "").lower() == "websocket")
         except ValueError:
             return web.json_response({"error": "not a request the relay carries"}, status=400)
@@ -188,9 +189,11 @@ class RelayHub:
         attached = self.attached.get(server_id)
         if attached is not None:
             return await self._through_tunnel(request, server_id, attached, relayed, body)
-        listed = next((s for s in self.routes().servers if s.id == server_id), None)
+        # Only to an address the map vouches for: a `joining` server's address has not answered as it yet, and the
+        # relay must not become a way to reach any address someone announces.
+        listed = next((s for s in self.routes().servers if s.id == server_id and s.state in ("online", "draining")), None)
         if listed is None:
-            return web.json_response({"error": f"server {server_id} is not in this swarm"}, status=404)
+            return web.json_response({"error": f"server {server_id} is not online in this swarm"}, status=404)
         if urlsplit(listed.url).path.startswith(relay.RELAY_PREFIX):
             return web.json_response({"error": f"server {server_id} is relayed and not attached now"}, status=502)
         self._relayed.labels("direct", "websocket" if relayed.websocket else "http").inc()
