@@ -27,6 +27,11 @@ blocks (then the fastest, then the first declared), up to each pool's ``max_serv
 When all pools are at their maximum and blocks are still short, the result is a
 best-effort placement that says which blocks are short and how much memory is missing
 (:attr:`Placement.message`); :func:`place` does not raise for that.
+
+Blocks may already be held by servers the placement does not place (``covered``: servers per
+block, e.g. outside servers that joined a Kubernetes swarm). They count towards the
+redundancy: the block slots to fill are only the missing copies, and windows start from that
+coverage, so the placed servers go where the others leave blocks weak.
 """
 
 from __future__ import annotations
@@ -113,16 +118,22 @@ class Placement:
     num_blocks: int
     redundancy: int
     servers: tuple[PlacedServer, ...]
-    coverage: tuple[int, ...]  # servers per block
+    coverage: tuple[int, ...]  # placed servers per block
     capacity: dict[str, int]  # most blocks one server of each pool can hold
     missing_bytes: int = 0  # memory the short blocks lack: sum of missing copies x bytes per block
     message: str = ""  # empty when feasible; otherwise what is short and why
     notes: tuple[str, ...] = field(default=())  # pools that cannot take part, and why
+    covered: tuple[int, ...] = ()  # servers per block that were there already (not placed); empty: none
+
+    @property
+    def total_coverage(self) -> list[int]:
+        """Servers per block: the placed ones plus those that were there already."""
+        return with_covered(list(self.coverage), self.covered)
 
     @property
     def short_blocks(self) -> list[int]:
-        """Blocks held by fewer than `redundancy` servers."""
-        return [b for b, c in enumerate(self.coverage) if c < self.redundancy]
+        """Blocks held by fewer than `redundancy` servers (placed or already there)."""
+        return [b for b, c in enumerate(self.total_coverage) if c < self.redundancy]
 
     @property
     def feasible(self) -> bool:
@@ -130,7 +141,7 @@ class Placement:
 
     @property
     def min_replicas(self) -> int:
-        return min(self.coverage, default=0)
+        return min(self.total_coverage, default=0)
 
     def count(self, pool: str) -> int:
         return sum(1 for s in self.servers if s.pool == pool)
@@ -188,6 +199,16 @@ def kv_cache_bytes_per_token(num_key_value_heads: int, head_dim: int, dtype: str
 # ---- placement -----------------------------------------------------------------------------------------------------
 
 
+def with_covered(counts: list[int], covered: Sequence[int]) -> list[int]:
+    """`counts` plus `covered`, block by block (`covered` may be empty: nothing there already)."""
+    return [c + (covered[b] if b < len(covered) else 0) for b, c in enumerate(counts)]
+
+
+def missing_copies(num_blocks: int, redundancy: int, covered: Sequence[int]) -> list[int]:
+    """Copies of each block still to place so that it reaches `redundancy` with what `covered` holds."""
+    return [max(0, redundancy - c) for c in with_covered([0] * num_blocks, covered)]
+
+
 def best_window(coverage: list[int], size: int) -> int:
     """Start of the window of `size` blocks whose sorted coverage is lexicographically smallest."""
     starts = range(len(coverage) - size + 1)
@@ -216,14 +237,20 @@ def place(
     pools: Sequence[Pool],
     redundancy: int = 1,
     cost: BlockCost | None = None,
+    covered: Sequence[int] = (),
 ) -> Placement:
     """Servers and spans for `pools` so that every block is held by at least `redundancy` servers.
 
-    Deterministic: the same input gives the same placement. Never raises for pools that are
-    too small: the result is then not :attr:`~Placement.feasible` and says why.
+    `covered` gives, per block, servers that hold it already and are not placed here: only the
+    missing copies are placed. Each pool still runs its ``min_servers``. Deterministic: the same
+    input gives the same placement. Never raises for pools that are too small: the result is then
+    not :attr:`~Placement.feasible` and says why.
     """
     if num_blocks < 1 or redundancy < 1:
         raise ValueError("num_blocks and redundancy must be >= 1")
+    if len(covered) not in (0, num_blocks) or any(c < 0 for c in covered):
+        raise ValueError(f"covered must give a count >= 0 for each of the {num_blocks} blocks")
+    base = tuple(min(c, redundancy) for c in covered)  # more than the redundancy changes nothing
     names = [p.name for p in pools]
     if len(set(names)) != len(names):
         raise ValueError(f"pool names must be unique: {names}")
@@ -236,23 +263,23 @@ def place(
     )
     usable = [_Slot(i, p, caps[p.name]) for i, p in enumerate(pools) if caps[p.name] > 0]
     counts = {s.pool.name: s.pool.min_servers for s in usable}
-    target = redundancy * num_blocks
+    target = sum(missing_copies(num_blocks, redundancy, base))
 
     def total_capacity() -> int:
         return sum(counts[s.pool.name] * s.cap for s in usable)
 
     while True:
         if total_capacity() >= target:
-            attempt = _arrange_counts(num_blocks, redundancy, usable, counts)
+            attempt = _arrange_counts(num_blocks, redundancy, usable, counts, base)
             if attempt is not None:
-                return _result(num_blocks, redundancy, attempt, caps, cost, notes, usable, counts)
+                return _result(num_blocks, redundancy, attempt, caps, cost, notes, usable, counts, base)
         growable = [s for s in usable if counts[s.pool.name] < s.pool.limit]
         if not growable:
             break
         pick = max(growable, key=lambda s: (s.cap, s.pool.speed, -s.order))
         counts[pick.pool.name] += 1
-    best = _arrange(num_blocks, _lengths_for(_servers(usable, counts), None))
-    return _result(num_blocks, redundancy, best, caps, cost, notes, usable, counts)
+    best = _arrange(num_blocks, _lengths_for(_servers(usable, counts), None), base)
+    return _result(num_blocks, redundancy, best, caps, cost, notes, usable, counts, base)
 
 
 def _servers(usable: list[_Slot], counts: dict[str, int]) -> list[tuple[_Slot, int]]:
@@ -277,11 +304,11 @@ def _lengths_for(servers: list[tuple[_Slot, int]], k: float | None) -> list[tupl
 
 
 def _arrange_counts(
-    num_blocks: int, redundancy: int, usable: list[_Slot], counts: dict[str, int]
+    num_blocks: int, redundancy: int, usable: list[_Slot], counts: dict[str, int], base: Sequence[int] = ()
 ) -> list[tuple[_Slot, int, Span]] | None:
     """A feasible arrangement for these server counts, trying longer spans if the shortest fail."""
     servers = _servers(usable, counts)
-    target = redundancy * num_blocks
+    target = sum(missing_copies(num_blocks, redundancy, base))
     candidates = _candidates(servers)
     totals = [sum(_length(slot, k) for slot, _ in servers) for k in candidates] if candidates else []
     first = bisect.bisect_left(totals, target) if totals else 0
@@ -300,14 +327,14 @@ def _arrange_counts(
         if signature in seen or sum(signature) < target:
             continue
         seen.add(signature)
-        arrangement = _arrange(num_blocks, lengths)
-        if min(coverage(num_blocks, [span for _, _, span in arrangement])) >= redundancy:
+        arrangement = _arrange(num_blocks, lengths, base)
+        if min(with_covered(coverage(num_blocks, [span for _, _, span in arrangement]), base)) >= redundancy:
             return arrangement
     return None
 
 
-def _arrange(num_blocks: int, lengths: list[tuple[_Slot, int, int]]) -> list[tuple[_Slot, int, Span]]:
-    coverage = [0] * num_blocks
+def _arrange(num_blocks: int, lengths: list[tuple[_Slot, int, int]], base: Sequence[int] = ()) -> list[tuple[_Slot, int, Span]]:
+    coverage = with_covered([0] * num_blocks, base)
     throughput = [0.0] * num_blocks
     placed = []
     for slot, index, length in sorted(lengths, key=lambda t: (-t[2], -t[0].pool.speed, t[0].order, t[1])):
@@ -333,6 +360,7 @@ def _result(
     notes: tuple[str, ...],
     usable: list[_Slot],
     counts: dict[str, int],
+    base: tuple[int, ...] = (),
 ) -> Placement:
     ordered = sorted(enumerate(arrangement), key=lambda t: (t[1][0].order, t[0]))
     servers: list[PlacedServer] = []
@@ -342,20 +370,23 @@ def _result(
         per_pool[slot.pool.name] = index + 1
         servers.append(PlacedServer(slot.pool.name, index, span))
     counted = coverage(num_blocks, [span for _, _, span in arrangement])
-    short = [b for b, c in enumerate(counted) if c < redundancy]
-    missing_copies = sum(max(0, redundancy - c) for c in counted)
-    missing_bytes = missing_copies * cost.total
+    total = with_covered(counted, base)
+    short = [b for b, c in enumerate(total) if c < redundancy]
+    missing = sum(missing_copies(num_blocks, redundancy, total))
+    missing_bytes = missing * cost.total
     message = ""
     if short:
         capacity = sum(counts[s.pool.name] * s.cap for s in usable)
         used = ", ".join(f"{counts[s.pool.name]} x {s.pool.name} (up to {s.cap} blocks each)" for s in usable) or "no usable server"
         message = (
             f"{used} cannot hold {num_blocks} blocks {redundancy} times: blocks {ranges(short)} have fewer than "
-            f"{redundancy} servers; {missing_copies} block copies are missing"
+            f"{redundancy} servers; {missing} block copies are missing"
         )
         if cost.total:
             message += f" ({_gib(missing_bytes)} of server memory at {_gib(cost.total)} per block)"
-        if capacity >= redundancy * num_blocks:
+        if any(base):
+            message += f" (servers already there hold {sum(base)} of the copies)"
+        if capacity >= sum(missing_copies(num_blocks, redundancy, base)):
             message += "; the memory is enough in total but the spans cannot be arranged: allow more servers"
         else:
             message += "; add servers or memory (raise maxServers, or use a pool with more memory or quantization)"
@@ -363,7 +394,7 @@ def _result(
             message += "; " + "; ".join(notes)
     return Placement(
         num_blocks=num_blocks, redundancy=redundancy, servers=tuple(servers), coverage=tuple(counted),
-        capacity=dict(caps), missing_bytes=missing_bytes, message=message, notes=notes,
+        capacity=dict(caps), missing_bytes=missing_bytes, message=message, notes=notes, covered=base,
     )
 
 

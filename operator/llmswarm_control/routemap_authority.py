@@ -11,7 +11,10 @@ authority:
   *which* servers belong to the swarm and their spans; announcements add what only the
   servers know: measured throughput, free cache, and ``online`` a little before the
   kubelet's view reaches the record. A server that is not in the record is never listed,
-  and ``draining`` in the record always wins. The published version starts at the
+  and ``draining`` in the record always wins. With ``outside=True`` (an open swarm), servers
+  that joined on their own are listed too, as they announce themselves: every announced id
+  that no record of the operator ever listed (a server the operator removed stays unlisted
+  while it still announces). The published version starts at the
   record's version and goes up by one whenever what the map says changes (a new record, a
   server coming online), so clients can cache by version.
 
@@ -89,9 +92,12 @@ def merge_record(record: ServerRecord, heard: ServerRecord | None) -> ServerReco
 
 
 class OperatorRecord:
-    """An operator's record plus announcements: only the record's servers are listed."""
+    """An operator's record plus announcements: the record's servers are listed and, when `outside`, the servers
+    that announce themselves and that no record of the operator ever listed."""
 
-    def __init__(self) -> None:
+    def __init__(self, outside: bool = False) -> None:
+        self.outside = outside  # list announced servers that are not the operator's (outside servers)
+        self.managed: set[str] = set()  # every id a record of the operator listed: never an outside server
         self.record: RouteMap | None = None
         self.table = RouteTable()
         self._map = RouteMap(model=None, version=0, servers=[])
@@ -120,10 +126,16 @@ class OperatorRecord:
         if self.record is None or newest.model != self.record.model:
             self.table = RouteTable(newest.model)  # a new model: old announcements mean nothing
         self.record = newest
+        self.managed.update(s.id for s in newest.servers)
         self._publish(adopt=newest.version)
 
     def listed(self, server_id: str) -> bool:
-        return self.record is not None and any(s.id == server_id for s in self.record.servers)
+        if self.record is None:
+            return False
+        return any(s.id == server_id for s in self.record.servers) or self._outside(server_id)
+
+    def _outside(self, server_id: str) -> bool:
+        return self.outside and server_id not in self.managed
 
     def announce(self, announcement: Announcement, now: float) -> bool:
         self.table.announce(announcement, now)
@@ -151,6 +163,9 @@ class OperatorRecord:
             return
         heard = {s.id: s for s in self.table.snapshot().servers}
         servers = [merge_record(s, heard.get(s.id)) for s in self.record.servers]
+        joined = [s for s in heard.values() if self._outside(s.id)]
+        if joined:
+            servers = sorted([*servers, *joined], key=lambda r: (r.start, r.end, r.id))
         merged = RouteMap(model=self.record.model, version=self._map.version, servers=servers)
         if adopt > self._map.version:
             version = adopt

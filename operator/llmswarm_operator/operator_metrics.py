@@ -59,7 +59,7 @@ class OperatorMetrics:
         self.min_replicas.labels(*key).set(coverage.get("minReplicas", 0))
         self.target_replicas.labels(*key).set(coverage.get("targetReplicas", 0))
         self.uncovered.labels(*key).set(len(coverage.get("uncoveredBlocks") or []))
-        servers = status.get("servers") or []
+        servers = [s for s in status.get("servers") or [] if not s.get("outside")]  # the operator's own
         counts = {
             "desired": sum(1 for s in servers if s.get("desired")),
             "ready": sum(1 for s in servers if s.get("ready")),

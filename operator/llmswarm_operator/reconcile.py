@@ -4,11 +4,17 @@ Handlers and the timer call :func:`reconcile`; it is idempotent (objects are app
 digest, see :mod:`llmswarm_operator.kubeapi`) and fast (a handful of API calls, no waiting).
 It returns the status to write and the events worth telling, and never writes the
 Swarm itself: the Kopf handler does that with ``patch.status``.
+
+It also reads the Swarm's route map (``GET /v1/routes``, a short timeout): servers there that
+the operator did not create are outside servers (:mod:`llmswarm_operator.outside`). The online
+ones hold their blocks, so the placement gives the operator's servers only the rest; when the
+map cannot be read, nothing counts as outside and the reconciliation goes on as without them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,11 +24,14 @@ from pydantic import ValidationError
 
 from llmswarm_core.identity import ServerIdentity
 from llmswarm_core.routemap import ModelInfo, RouteMap
+from llmswarm_core.routemap_client import RouteMapClient, RouteMapError
+from llmswarm_core.security import token_from_env
 from llmswarm_core.spans import Span, coverage
 from llmswarm_operator import manifests as m
 from llmswarm_operator import store as mstore
 from llmswarm_operator.assignment import Assignment, fits
 from llmswarm_operator.kubeapi import Conflict, KubeClient, OwnershipConflict, apply, check_owner
+from llmswarm_operator.outside import OutsideServer, coverage_of, outside_servers
 from llmswarm_operator.planner import ExistingServer, ServerEntry, online_coverage, plan_servers, ready_servers, route_map
 from llmswarm_operator.settings import OperatorSettings
 from llmswarm_operator.status import Seen, condition, conflict_message, find_condition, invalid_status, swarm_status
@@ -30,6 +39,11 @@ from llmswarm_operator.swarm_spec import InvalidSpec, SwarmSpec, check_name, par
 from llmswarm_operator.timestamps import epoch, iso, now_iso
 
 Body = dict[str, Any]
+
+log = logging.getLogger("llmswarm.operator")
+
+#: Seconds the operator waits for its route map's answer: it never holds a reconciliation up longer.
+ROUTES_TIMEOUT = 3.0
 
 
 @dataclass
@@ -46,6 +60,7 @@ class Outcome:
     workloads: set[str] = field(default_factory=set)  # names of every server Deployment, draining ones included
     num_blocks: int = 0
     rebalanced: bool = False  # `desired` comes from a rebalanced assignment, not from the placement
+    outside: list[OutsideServer] = field(default_factory=list)  # servers in the route map the operator did not create
 
     def count(self, what: str) -> None:
         self.writes[what] = self.writes.get(what, 0) + 1
@@ -129,10 +144,14 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     ours = configmap if configmap is not None and owned_by(configmap, uid) else None  # never read another's record
     if assignment is None:
         assignment = stored_assignment(ours)
+    existing = existing_servers(deployments)
+    model = ModelInfo(name=shape.name, num_blocks=shape.num_blocks, hidden_size=shape.hidden_size)
+    outside = await observe_outside(owner, spec, settings, model, own_ids(existing, ours, assignment))
+    if any(s.online for s in outside):  # they hold blocks: the operator's servers cover the rest
+        shape, cost, placement = plan_placement(spec, coverage_of(shape.num_blocks, outside))
     if assignment is not None and not fits(assignment, name, placement):
         assignment = None  # the spec changed the servers: the placement wins
     desired = list(assignment.servers) if assignment is not None else m.desired_servers(name, placement)
-    existing = existing_servers(deployments)
     ready = ready_servers(pods, m.LABEL_SERVER)
     plan = plan_servers(desired, existing, ready, num_blocks=shape.num_blocks, redundancy=spec.redundancy,
                         now=now, drain_seconds=settings.drain_seconds)
@@ -177,18 +196,19 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
                 outcome.count("deleted Service")
 
     # ---- publish the route map ----
-    model = ModelInfo(name=shape.name, num_blocks=shape.num_blocks, hidden_size=shape.hidden_size)
     urls = {e.name: f"http://{m.service_host(e.name, namespace, settings)}:{spec.server.port}" for e in plan.entries}
     routes = route_map(model, plan.entries, urls, spec.model.dtype, previous_route_map(ours))
     stored = assignment.to_json() if assignment is not None else None
     await _apply(kube, m.routemap_configmap(owner, routes, stored), outcome, {("ConfigMap", m.routemap_name(name)): configmap})
 
     # ---- report ----
+    online = [a + b for a, b in zip(online_coverage(shape.num_blocks, plan.entries), coverage_of(shape.num_blocks, outside),
+                                    strict=True)]
     seen = Seen(
         redundancy=spec.redundancy, placement=placement, plan=plan,
-        online_coverage=online_coverage(shape.num_blocks, plan.entries), routemap_version=routes.version,
+        online_coverage=online, routemap_version=routes.version,
         routemap_url=m.public_routemap_url(owner, spec, settings), routemap_configmap=m.routemap_name(name),
-        generation=generation, conflicts=tuple(outcome.conflicts),
+        generation=generation, conflicts=tuple(outcome.conflicts), outside=tuple(outside),
     )
     outcome.status = swarm_status(seen, previous)
     outcome.status["adapters"] = m.adapter_sources(spec)
@@ -197,11 +217,53 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     outcome.phase = outcome.status["phase"]
     outcome.desired, outcome.entries, outcome.num_blocks = desired, list(plan.entries), shape.num_blocks
     outcome.workloads, outcome.rebalanced = set(existing), assignment is not None
+    outcome.outside = outside
     if not placement.feasible and (previous.get("placement") or {}).get("message") != placement.message:
         outcome.events.append(("Warning", "PlacementInsufficient", placement.message))
     if outcome.conflicts and conflict_message(outcome.conflicts) != (find_condition(previous, "Degraded") or {}).get("message"):
         outcome.events.append(("Warning", "ObjectConflict", conflict_message(outcome.conflicts)))
     return outcome
+
+
+def own_ids(existing: Mapping[str, ExistingServer], record: Body | None, assignment: Assignment | None) -> set[str]:
+    """Ids of the servers the operator knows as the Swarm's: its workloads, its last record's, its assignment's."""
+    routes = previous_route_map(record)
+    return (set(existing) | {s.id for s in (routes.servers if routes is not None else [])}
+            | {s.name for s in (assignment.servers if assignment is not None else ())})
+
+
+def routemap_read_url(owner: m.Owner, spec: SwarmSpec, settings: OperatorSettings) -> str:
+    """Where the operator reads the Swarm's route map (`routemap_url`: the route map's Service by default)."""
+    host = m.service_host(m.routemap_name(owner.name), owner.namespace, settings)
+    return settings.routemap_url.format(host=host, swarm=owner.name, namespace=owner.namespace, port=spec.route_map.port)
+
+
+_unread: dict[str, str] = {}  # route-map URL -> why it could not be read last time (logged once per reason)
+
+
+async def read_routes(url: str, token: str | None, timeout: float = ROUTES_TIMEOUT) -> RouteMap | None:
+    """``GET {url}/v1/routes`` with `token`; None (and a log line) when the map cannot be read."""
+    try:
+        async with RouteMapClient(url, token, timeout=timeout) as client:
+            routes = await client.routes()
+    except RouteMapError as error:
+        level = logging.DEBUG if _unread.get(url) == str(error) else logging.WARNING
+        _unread[url] = str(error)
+        log.log(level, "outside servers are not counted: %s", error)
+        return None
+    if _unread.pop(url, None) is not None:
+        log.info("the route map at %s answers again", url)
+    return routes
+
+
+async def observe_outside(owner: m.Owner, spec: SwarmSpec, settings: OperatorSettings, model: ModelInfo,
+                          own: set[str]) -> list[OutsideServer]:
+    """The outside servers in the Swarm's route map; none when the map cannot be read."""
+    token = token_from_env(None) if settings.token_secret else None  # the chart gives the operator the swarm token
+    routes = await read_routes(routemap_read_url(owner, spec, settings), token)
+    if routes is None:
+        return []
+    return outside_servers(routes, model, owner.name, [p.name for p in spec.pools], own)
 
 
 async def _model_store(kube: KubeClient, owner: m.Owner, spec: SwarmSpec, settings: OperatorSettings,

@@ -65,6 +65,9 @@ class OperatorSettings:
     #: ``{host}`` (the server's Service host), ``{server}``, ``{namespace}`` and ``{port}``. From outside the
     #: cluster, e.g. the API server's proxy: ``http://127.0.0.1:8001/api/v1/namespaces/{namespace}/services/{server}:{port}/proxy/metrics``.
     rebalance_scrape_url: str = "http://{host}:{port}/metrics"
+    #: Where the operator reads a Swarm's route map (``GET /v1/routes``) to count the outside servers that joined
+    #: it: a template with ``{host}`` (the route map's Service host), ``{swarm}``, ``{namespace}`` and ``{port}``.
+    routemap_url: str = "http://{host}:{port}"
     #: The Secret with the swarm token, as ``name`` or ``name:key`` (key ``token`` by default), in each Swarm's
     #: namespace. Block servers and the route map get it as ``LLMSWARM_TOKEN``; empty: no token.
     token_secret: str = ""
@@ -105,13 +108,19 @@ class OperatorSettings:
             raise SettingsError(f"{PREFIX}LIVENESS_ENDPOINT must be an http(s) URL or empty")
         if self.rebalance_max_moves < 0:
             raise SettingsError(f"{PREFIX}REBALANCE_MAX_MOVES must be >= 0")
-        try:
-            url = self.rebalance_scrape_url.format(host="h", server="s", namespace="n", port=1)
-        except (KeyError, IndexError, ValueError) as error:
-            raise SettingsError(f"{PREFIX}REBALANCE_SCRAPE_URL: unknown placeholder {error}; use {{host}}, {{server}}, "
-                                "{namespace} and {port}") from None
-        if not url.startswith(("http://", "https://")):
-            raise SettingsError(f"{PREFIX}REBALANCE_SCRAPE_URL must be an http(s) URL template")
+        _check_url_template("REBALANCE_SCRAPE_URL", self.rebalance_scrape_url, ("host", "server", "namespace", "port"))
+        _check_url_template("ROUTEMAP_URL", self.routemap_url, ("host", "swarm", "namespace", "port"))
+
+
+def _check_url_template(name: str, template: str, placeholders: tuple[str, ...]) -> None:
+    """An http(s) URL template using only `placeholders` (SettingsError otherwise)."""
+    try:
+        url = template.format(**{p: "1" for p in placeholders})
+    except (KeyError, IndexError, ValueError) as error:
+        known = ", ".join(f"{{{p}}}" for p in placeholders)
+        raise SettingsError(f"{PREFIX}{name}: unknown placeholder {error}; use {known}") from None
+    if not url.startswith(("http://", "https://")):
+        raise SettingsError(f"{PREFIX}{name} must be an http(s) URL template")
 
 
 def _convert(name: str, kind: object, raw: str) -> object:

@@ -13,6 +13,10 @@ Phases:
 - ``Failed``: the spec is invalid, or the API server refuses the operator's writes (the
   ``Ready`` condition says what to fix); the servers that exist keep running.
 
+Coverage counts the operator's online servers and the online outside servers (servers that
+joined the Swarm's route map on their own, :mod:`llmswarm_operator.outside`); ``servers``
+lists both, outside ones with ``outside: true``.
+
 Conditions ``Ready``, ``Progressing`` and ``Degraded`` follow the Kubernetes conventions
 (``status``, ``reason``, ``message``, ``lastTransitionTime`` kept while the status stays).
 """
@@ -25,6 +29,7 @@ from typing import Any
 
 from llmswarm_control.placement import Placement
 from llmswarm_core.spans import ranges
+from llmswarm_operator.outside import OutsideServer
 from llmswarm_operator.planner import ServerPlan
 from llmswarm_operator.timestamps import now_iso
 
@@ -41,12 +46,13 @@ class Seen:
     redundancy: int
     placement: Placement
     plan: ServerPlan
-    online_coverage: Sequence[int]
+    online_coverage: Sequence[int]  # online servers per block, the operator's and outside ones
     routemap_version: int
     routemap_url: str
     routemap_configmap: str
     generation: int | None = None
     conflicts: tuple[str, ...] = ()  # objects the Swarm needs that exist and belong to something else
+    outside: tuple[OutsideServer, ...] = ()  # servers in the route map that the operator did not create
 
 
 def conflict_message(conflicts: Sequence[str]) -> str:
@@ -77,6 +83,8 @@ def swarm_status(seen: Seen, previous: Mapping[str, Any] | None, now: str | None
     progress = f"{ready} of {len(desired)} servers ready"
     if old:
         progress += f"; {len(old)} old server(s) still running ({draining} draining)"
+    if seen.outside:
+        progress += f"; {len(seen.outside)} outside server(s) ({sum(1 for s in seen.outside if s.online)} online)"
 
     if phase == READY:
         ready_reason, ready_message = "AllServersReady", f"{progress}; every block has at least {low} online servers"
@@ -110,11 +118,12 @@ def swarm_status(seen: Seen, previous: Mapping[str, Any] | None, now: str | None
         "phase": phase,
         "conditions": conditions,
         "servers": [
-            {"name": e.name, "pool": e.pool, "start": e.span.start, "end": e.span.end, "ready": e.ready,
-             "state": e.state, "desired": e.desired}
-            for e in entries
+            *({"name": e.name, "pool": e.pool, "start": e.span.start, "end": e.span.end, "ready": e.ready,
+               "state": e.state, "desired": e.desired, "outside": False} for e in entries),
+            *(s.status() for s in seen.outside),
         ],
         "serversDesired": len(desired),
+        "serversOutside": len(seen.outside),
         "serversReady": ready,
         "readyServers": f"{ready}/{len(desired)}",
         "coverage": {

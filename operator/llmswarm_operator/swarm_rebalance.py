@@ -6,7 +6,8 @@ rebalance timer, under the Swarm's lock, when ``spec.rebalance.enabled`` and a r
 Ready). A round:
 
 1. reconciles (the same level-based step as the reconcile timer) and goes on only when
-   the Swarm is still ``Ready``: no rollout or earlier move is in progress;
+   the Swarm is still ``Ready``: no rollout or earlier move is in progress, and when no
+   online outside server holds blocks of it (:mod:`llmswarm_operator.outside`);
 2. measures every online server (:class:`~llmswarm_control.load_metrics.PrometheusSource`
    with ``spec.rebalance.prometheusUrl``, else
    :class:`~llmswarm_control.load_metrics.ScrapeSource` on each server's Service);
@@ -107,6 +108,10 @@ async def rebalance_round(kube: KubeClient, settings: OperatorSettings, body: Ma
     name = (body.get("metadata") or {}).get("name", "")
     if outcome.phase != "Ready":
         return _finish(outcome, body, source, now, "skipped", f"the Swarm is {outcome.phase}: waiting until it is Ready")
+    held = sum(1 for s in outcome.outside if s.online)
+    if held:  # the planner would count their blocks as unserved, and cannot move them: no round until they leave
+        return _finish(outcome, body, source, now, "skipped", f"{held} outside server(s) hold blocks of this Swarm: "
+                       "rounds wait until only the operator's servers serve it")
     online = [e for e in outcome.entries if e.state == "online"]
     try:
         collected = await source.collect([Target(e.name) for e in online])

@@ -10,6 +10,7 @@ have done it. :class:`InvalidSpec` carries a message that says what to fix.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
@@ -353,8 +354,9 @@ def placement_pools(spec: SwarmSpec) -> list[Pool]:
     ]
 
 
-def plan_placement(spec: SwarmSpec) -> tuple[ModelShape, BlockCost, Placement]:
-    """The model's shape, what a block costs, and where each server's span goes."""
+def plan_placement(spec: SwarmSpec, covered: Sequence[int] = ()) -> tuple[ModelShape, BlockCost, Placement]:
+    """The model's shape, what a block costs, and where each server's span goes; `covered` (servers per block)
+    holds blocks already (outside servers), so the operator's servers fill only the rest."""
     shape = model_shape(spec.model)
     for pool in spec.pools:
         if pool.blocks_per_server is not None and pool.blocks_per_server > shape.num_blocks:
@@ -363,7 +365,7 @@ def plan_placement(spec: SwarmSpec) -> tuple[ModelShape, BlockCost, Placement]:
                 f"{shape.num_blocks} blocks"
             )
     cost = block_cost(spec.model, shape)
-    return shape, cost, place(shape.num_blocks, placement_pools(spec), spec.redundancy, cost)
+    return shape, cost, place(shape.num_blocks, placement_pools(spec), spec.redundancy, cost, covered)
 
 
 __all__ = [

@@ -78,6 +78,8 @@ def operator_settings(**overrides: Any) -> OperatorSettings:
     values: dict[str, Any] = {
         "image": "ghcr.io/llmswarm/node:test", "reconcile_interval": INTERVAL, "retry_delay": INTERVAL,
         "drain_seconds": 0.0, "metrics_host": "127.0.0.1", "metrics_port": free_port(), "liveness_endpoint": "",
+        # No route map runs in the emulated cluster: reading one is refused at once (no cluster DNS lookup).
+        "routemap_url": "http://127.0.0.1:1/{namespace}/{swarm}",
     }
     values.update(overrides)
     return OperatorSettings(**values)
