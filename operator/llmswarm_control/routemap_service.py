@@ -236,10 +236,11 @@ class RouteMapService:
     @classmethod
     def from_record(cls, path: Path, token: str | None = None, interval: float = 1.0,
                     configmap: ConfigMapRef | None = None, identities: IdentityBook | None = None,
-                    tls_ca: str | None = None, relay: RelayOptions | None = None) -> RouteMapService:
+                    tls_ca: str | None = None, relay: RelayOptions | None = None,
+                    outside: bool = False) -> RouteMapService:
         """The operator's record in `path` plus announcements (Kubernetes); with `configmap`, the same record
         watched through the API as well (the newer of the two counts: the mounted file lags a minute)."""
-        authority = OperatorRecord()
+        authority = OperatorRecord(outside=outside)
         service = cls(authority, token, interval, poll=RecordFile(path, lambda routes: authority.load(routes, "file")).poll,
                       identities=identities, tls_ca=tls_ca, relay=relay)
         if configmap is not None:
@@ -413,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list servers whose announcements are not signed (servers that predate identities), and "
                              "without checking that their address answers as them: anyone with the join credential "
                              "can then speak for any server")
+    parser.add_argument("--outside-servers", action="store_true",
+                        help="with --routes: also list servers that announce themselves and that the operator did not "
+                             "create (an open swarm: anyone holding the join credential adds servers)")
     parser.add_argument("--relay", action="store_true",
                         help="relay for the swarm (llmswarm_core/relay.py): servers behind NAT attach and are listed at "
                              "this route map's address, and clients outside the cluster reach every server through it")
@@ -438,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     identities = (IdentityBook(require_signatures=False, check_addresses=False) if args.allow_unsigned
                   else IdentityBook())
     relay = RelayOptions(public_url=args.public_url) if args.relay else None
-    service = (RouteMapService.from_record(args.routes, token, args.interval, configmap, identities, args.tls_ca, relay)
+    service = (RouteMapService.from_record(args.routes, token, args.interval, configmap, identities, args.tls_ca, relay,
+                                           args.outside_servers)
                if args.routes else
                RouteMapService.announcements(token=token, interval=args.interval, identities=identities,
                                              tls_ca=args.tls_ca, relay=relay))

@@ -174,13 +174,15 @@ def server_args(owner: Owner, spec: SwarmSpec, cost: BlockCost, server: DesiredS
         "--host", "0.0.0.0",
         "--port", str(spec.server.port),
         "--public-url", server_url(owner, server, spec, settings),
-        "--swarm", routemap_url(owner, spec, settings),
+        "--swarm", spec.join.url if spec.join else routemap_url(owner, spec, settings),
         "--server-id", server.name,
         "--served-model-name", model_shape(spec.model).name,  # as the route map's record names the model
         "--identity-file", f"{IDENTITY_DIR}/{IDENTITY_KEY}",
         "--dtype", model.dtype,
         "--quiet",
     ]
+    if spec.join and spec.join.relay:
+        args.append("--relay")  # listed at the joined route map's address: its side cannot reach these pods
     if model.quantization != "none":
         args += ["--quantization", model.quantization]
     if cost.cache_bytes:
@@ -338,7 +340,7 @@ def server_deployment(
             {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
             {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
             *gpu_env(resources),
-            *token_env(settings),
+            *(join_env(spec) if spec.join else token_env(settings)),
             *model_env,
         ],
         "resources": resources,
@@ -442,6 +444,33 @@ def token_env(settings: OperatorSettings) -> list[Body]:
     return [{"name": "LLMSWARM_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": key or "token"}}}]
 
 
+def join_credential(spec: SwarmSpec) -> tuple[str, str]:
+    """(Secret name, key) of a joined Swarm's credential."""
+    assert spec.join is not None
+    name, _, key = spec.join.credential_secret.partition(":")
+    return name, key or "credential"
+
+
+def join_env(spec: SwarmSpec) -> list[Body]:
+    """A joined Swarm's servers: the joined swarm's credential as their token, and its authority key if it has one."""
+    assert spec.join is not None
+    name, key = join_credential(spec)
+    env: list[Body] = [{"name": "LLMSWARM_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]
+    if spec.join.authority_key:
+        env.append({"name": "LLMSWARM_AUTHORITY_KEY", "value": spec.join.authority_key})
+    return env
+
+
+def routemap_args(spec: SwarmSpec, settings: OperatorSettings, owner: Owner) -> list[str]:
+    """What the route map is told beyond its record: outside servers, the relay and its public address."""
+    args = ["--outside-servers"] if spec.route_map.outside_servers else []
+    if spec.route_map.relay:
+        args.append("--relay")
+        if spec.route_map.external_address:
+            args += ["--public-url", public_routemap_url(owner, spec, settings)]
+    return args
+
+
 def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSettings) -> Body:
     name = routemap_name(owner.name)
     port = spec.route_map.port
@@ -454,7 +483,7 @@ def routemap_deployment(owner: Owner, spec: SwarmSpec, settings: OperatorSetting
         # The record through the API (within a second) and from the mounted file (the kubelet refreshes it a
         # minute late): the newer counts, so a server the operator deleted is not served from a stale file.
         "args": ["--routes", f"{ROUTES_DIR}/{ROUTES_FILE}", "--configmap", name, "--host", "0.0.0.0", "--port", str(port),
-                 "--adapter-dir", ADAPTERS_DIR],
+                 "--adapter-dir", ADAPTERS_DIR, *routemap_args(spec, settings, owner)],
         "env": [*gpu_env(resources), *token_env(settings)],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": resources,

@@ -13,6 +13,7 @@ map cannot be read, nothing counts as outside and the reconciliation goes on as 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -146,7 +147,8 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
         assignment = stored_assignment(ours)
     existing = existing_servers(deployments)
     model = ModelInfo(name=shape.name, num_blocks=shape.num_blocks, hidden_size=shape.hidden_size)
-    outside = await observe_outside(owner, spec, settings, model, own_ids(existing, ours, assignment))
+    credential = await join_token(kube, namespace, spec) if spec.join else None
+    outside = await observe_outside(owner, spec, settings, model, own_ids(existing, ours, assignment), credential)
     if any(s.online for s in outside):  # they hold blocks: the operator's servers cover the rest
         shape, cost, placement = plan_placement(spec, coverage_of(shape.num_blocks, outside))
     if assignment is not None and not fits(assignment, name, placement):
@@ -160,9 +162,15 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     listed = {("Deployment", d["metadata"]["name"]): d for d in deployments}
     listed.update({("Service", s["metadata"]["name"]): s for s in services})
     fewest = min(coverage(shape.num_blocks, [d.span for d in desired]), default=0)
-    for obj in (*m.routemap_access(owner), m.routemap_service(owner, spec), m.routemap_deployment(owner, spec, settings),
-                m.server_disruption_budget(owner, fewest)):
+    # A Swarm that joins another swarm has no route map of its own: its servers announce to the joined one.
+    routemap_objects = () if spec.join else (*m.routemap_access(owner), m.routemap_service(owner, spec),
+                                              m.routemap_deployment(owner, spec, settings))
+    for obj in (*routemap_objects, m.server_disruption_budget(owner, fewest)):
         await _apply(kube, obj, outcome, listed)
+    if spec.join:  # joined since: the route map it ran before goes
+        for kind in ("Deployment", "Service"):
+            if (kind, m.routemap_name(name)) in listed and await kube.delete(kind, namespace, m.routemap_name(name)):
+                outcome.count(f"deleted {kind}")
     store = await _model_store(kube, owner, spec, settings, outcome) if spec.model_store is not None else None
     for server in desired:
         if store is not None and store.phase != mstore.READY:
@@ -188,7 +196,7 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
             if await kube.delete(kind, namespace, object_name):
                 outcome.count(f"deleted {kind}")
         outcome.events.append(("Normal", "ServerRemoved", f"server {server_name} removed"))
-    keep = {e.name for e in plan.entries} | {m.routemap_name(name)}
+    keep = {e.name for e in plan.entries} | (set() if spec.join else {m.routemap_name(name)})
     for service in services:
         service_name = service["metadata"]["name"]
         if service_name not in keep and service_name not in plan.delete:
@@ -207,7 +215,8 @@ async def reconcile(kube: KubeClient, settings: OperatorSettings, body: Mapping[
     seen = Seen(
         redundancy=spec.redundancy, placement=placement, plan=plan,
         online_coverage=online, routemap_version=routes.version,
-        routemap_url=m.public_routemap_url(owner, spec, settings), routemap_configmap=m.routemap_name(name),
+        routemap_url=spec.join.url if spec.join else m.public_routemap_url(owner, spec, settings),
+        routemap_configmap=m.routemap_name(name),
         generation=generation, conflicts=tuple(outcome.conflicts), outside=tuple(outside),
     )
     outcome.status = swarm_status(seen, previous)
@@ -257,13 +266,34 @@ async def read_routes(url: str, token: str | None, timeout: float = ROUTES_TIMEO
 
 
 async def observe_outside(owner: m.Owner, spec: SwarmSpec, settings: OperatorSettings, model: ModelInfo,
-                          own: set[str]) -> list[OutsideServer]:
-    """The outside servers in the Swarm's route map; none when the map cannot be read."""
-    token = token_from_env(None) if settings.token_secret else None  # the chart gives the operator the swarm token
-    routes = await read_routes(routemap_read_url(owner, spec, settings), token)
+                          own: set[str], join_credential: str | None = None) -> list[OutsideServer]:
+    """The outside servers in the Swarm's route map (with spec.join, the joined swarm's, read with
+    `join_credential`); none when the map cannot be read."""
+    if spec.join:
+        token, url = join_credential, spec.join.url
+    else:
+        token = token_from_env(None) if settings.token_secret else None  # the chart gives the operator the swarm token
+        url = routemap_read_url(owner, spec, settings)
+    routes = await read_routes(url, token)
     if routes is None:
         return []
     return outside_servers(routes, model, owner.name, [p.name for p in spec.pools], own)
+
+
+async def join_token(kube: KubeClient, namespace: str, spec: SwarmSpec) -> str | None:
+    """The join credential in spec.join's Secret (the one Secret the operator reads), None where it is missing."""
+    name, key = m.join_credential(spec)
+    secret = await kube.get("Secret", namespace, name)
+    encoded = ((secret or {}).get("data") or {}).get(key)
+    if not encoded:
+        log.warning("Secret %s/%s has no key %r: the joined swarm's route map is read without a credential",
+                    namespace, name, key)
+        return None
+    try:
+        return base64.b64decode(encoded).decode().strip()
+    except ValueError:
+        log.warning("Secret %s/%s: key %r is not base64 text", namespace, name, key)
+        return None
 
 
 async def _model_store(kube: KubeClient, owner: m.Owner, spec: SwarmSpec, settings: OperatorSettings,

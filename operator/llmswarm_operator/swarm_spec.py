@@ -242,6 +242,27 @@ class RouteMapSpec(_Spec):
     port: Annotated[int, Field(ge=1, le=65535)] = ROUTE_MAP_PORT
     # A PersistentVolumeClaim that keeps published adapters across route-map pods ("": the pod's own disk)
     adapter_claim: Annotated[str, Field(max_length=253, pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$")] = ""
+    # Servers the operator did not create (`llmswarm serve --join`, another cluster's Swarm with spec.join) are
+    # listed, counted and placed around (an open swarm); off: only the operator's servers are listed.
+    outside_servers: bool = False
+    # The route map relays (llmswarm_core/relay.py): servers behind NAT and other clusters' servers attach to it,
+    # and clients outside the cluster reach every server through its one address (externalAddress).
+    relay: bool = False
+
+
+class JoinSpec(_Spec):
+    """Serve another swarm (its route map at `url`, typically another cluster's Swarm with outsideServers and
+    relay) instead of running a route map here: this Swarm's servers join it through its relay, and the operator
+    places them around the coverage that swarm already has."""
+
+    url: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")]
+    # The Secret holding the join credential ("name", key `credential`, or "name:key"): the servers' token there,
+    # and the operator's to read that swarm's route map.
+    credential_secret: Annotated[str, Field(max_length=300,
+                                            pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[-._a-zA-Z0-9]{1,253})?$")]
+    # That swarm's authority key, where it checks credentials (clients' credentials are checked against it).
+    authority_key: Annotated[str, Field(max_length=64)] = ""
+    relay: bool = True  # serve through that route map's relay (its servers cannot reach this cluster's pods)
 
 
 class AdapterSource(_Spec):
@@ -271,6 +292,7 @@ class SwarmSpec(_Spec):
     route_map: RouteMapSpec = Field(default_factory=RouteMapSpec)
     adapters: Annotated[list[AdapterSource], Field(max_length=32)] = Field(default_factory=list)
     model_store: ModelStoreSpec | None = None
+    join: JoinSpec | None = None
 
     @model_validator(mode="after")
     def _pools(self) -> SwarmSpec:

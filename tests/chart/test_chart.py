@@ -341,8 +341,8 @@ def test_rbac_is_least_privilege(rendered: dict[str, Rendered]) -> None:
         for rule in _rules(r):
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
-            if "secrets" in rule["resources"]:  # the servers' keys: made and deleted, never read
-                assert set(rule["verbs"]) <= {"create", "delete"}, "the operator never reads Secrets"
+            if "secrets" in rule["resources"]:  # the servers' keys: made and deleted; spec.join's credential: read
+                assert set(rule["verbs"]) <= {"get", "create", "delete"}, "the operator never lists or watches Secrets"
     # Watching every namespace: bound cluster-wide. Watching some: bound in each of them only.
     default = render({"operator": {"clusterWide": True}})
     assert {b["roleRef"]["name"] for b in default.all("ClusterRoleBinding")} == {f"{RELEASE}-operator", f"{RELEASE}-operator-cluster"}

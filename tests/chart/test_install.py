@@ -233,5 +233,5 @@ def test_rbac_check_refuses_what_is_not_granted() -> None:
     assert not granted(rendered, account, "elsewhere", "apps", "deployments", "create")  # RoleBinding in llmswarm only
     assert not granted(rendered, account, None, "llmswarm.dev", "swarms", "watch")  # no cluster-wide watch when namespaced
     assert granted(rendered, account, None, "apiextensions.k8s.io", "customresourcedefinitions", "watch")
-    assert not granted(rendered, account, "llmswarm", "", "secrets", "get")
+    assert not granted(rendered, account, "llmswarm", "", "secrets", "list")  # one named Secret is read, none listed
     assert not granted(rendered, "someone-else", "llmswarm", "apps", "deployments", "create")

@@ -139,7 +139,8 @@ def test_spec_model_has_the_schema_fields_and_defaults() -> None:
     checked = 0
     # Optional objects given with only their required fields, so that their defaults are compared too.
     minimal = parse_spec({"pools": [{"name": "p", "gpuMemory": "1Gi"}], "model": {"hubTokenSecret": {"name": "hf"}},
-                          "modelStore": {"size": "1Gi"}}).model_dump(by_alias=True)
+                          "modelStore": {"size": "1Gi"},
+                          "join": {"url": "https://a.example", "credentialSecret": "a-join"}}).model_dump(by_alias=True)
     for path, sub, _ in _walk(schema, SwarmSpec, "spec"):
         if "default" not in sub or sub["default"] == {}:
             continue

@@ -263,11 +263,12 @@ async def record_copied(cluster: Cluster, authority: OperatorRecord) -> AsyncIte
 
 
 @contextlib.asynccontextmanager
-async def announcing(url: str, server: ServerRecord, ttl: float) -> AsyncIterator[asyncio.Task[None]]:
+async def announcing(url: str, server: ServerRecord, ttl: float,
+                     headers: dict[str, str] | None = None) -> AsyncIterator[asyncio.Task[None]]:
     """An outside server's heartbeat every ttl / 5 s; cancel the task to make it go silent."""
 
     async def beat() -> None:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=headers) as http:
             while True:
                 async with http.post(f"{url}/v1/servers", json=announcement(server, ttl).model_dump()) as response:
                     assert response.status == 200, await response.text()
@@ -282,8 +283,8 @@ async def announcing(url: str, server: ServerRecord, ttl: float) -> AsyncIterato
             await task
 
 
-async def routes_at(url: str) -> RouteMap:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/routes") as response:
+async def routes_at(url: str, headers: dict[str, str] | None = None) -> RouteMap:
+    async with aiohttp.ClientSession(headers=headers) as http, http.get(f"{url}/v1/routes") as response:
         return RouteMap.model_validate(await response.json())
 
 
