@@ -10,12 +10,14 @@ relay, across hosts, is tests/hosts/test_outside_server.py.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography import x509
 
 from llmswarm.transport import Connection, ConnectionClosed
 from llmswarm_control.relay_hub import RelayLimits
@@ -25,8 +27,10 @@ from llmswarm_core import relay
 from llmswarm_core.credentials import Authority
 from llmswarm_core.identity import ServerIdentity
 from llmswarm_core.routemap import Announcement, ModelInfo, ServerRecord
+from llmswarm_core.security import client_ssl_context, server_ssl_context
 from llmswarm_node.relay_agent import RelayAgent
 from tests.helpers import metric_total, serving
+from tests.test_security import make_cert
 
 MODEL = ModelInfo(name="tiny", num_blocks=4, hidden_size=8)
 AUTHORITY = Authority(ServerIdentity.generate())
@@ -201,3 +205,35 @@ async def test_the_relay_refuses_what_it_must_and_keeps_serving(attached) -> Non
     assert metric_total(text, "llmswarm_routemap_refusals_total", reason="hijack") == 2
     assert metric_total(text, "llmswarm_routemap_refusals_total", reason="signature") == 2
     assert metric_total(text, "llmswarm_routemap_refusals_total", reason="role") >= 1
+
+
+async def test_the_relay_over_tls_carries_a_session_and_a_request(tmp_path) -> None:
+    """The public address over HTTPS: the server behind NAT attaches over wss and verifies the route map, and an
+    outside client's WebSocket and request go through wss/https end to end."""
+    cert, key = make_cert(tmp_path, "127.0.0.1", x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    service = RouteMapService.announcements(MODEL, token="s3cret", tls_ca=cert, relay=RelayOptions(),
+                                            identities=IdentityBook(require_signatures=False, check_addresses=False))
+    runner = web.AppRunner(service.app(), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl_context(cert, key)).start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with serving(small_server()) as local:
+            agent = RelayAgent(url, "volunteer-1", ServerIdentity.generate(), "s3cret", cert, local)
+            assert await asyncio.wait_for(agent.start(), 10) == f"{url}/relay/volunteer-1"
+            try:
+                connector = aiohttp.TCPConnector(ssl=client_ssl_context(cert))
+                async with aiohttp.ClientSession(connector=connector, headers={"Authorization": "Bearer s3cret"}) as http:
+                    async with http.post(f"{url}/relay/volunteer-1/v1/forward", data=b"tls") as response:
+                        assert await response.read() == b"slt"
+                    async with http.ws_connect(f"{url.replace('https', 'wss')}/relay/volunteer-1/v1/session") as socket_:
+                        await socket_.send_bytes(b"ab")
+                        assert (await socket_.receive(10)).data == b"abab"
+                # A client that does not trust the route map's certificate gets nowhere.
+                async with aiohttp.ClientSession() as http:
+                    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                        await http.post(f"{url}/relay/volunteer-1/v1/forward", data=b"x")
+            finally:
+                await agent.close()
+    finally:
+        await runner.cleanup()

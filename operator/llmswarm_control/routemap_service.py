@@ -59,6 +59,7 @@ from llmswarm_core.security import (
     access_middleware,
     authority_from_env,
     client_ssl_context,
+    server_ssl_context,
     token_from_env,
 )
 
@@ -410,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "with the pod's service account, so a new record counts within a second")
     parser.add_argument("--namespace", help="the ConfigMap's namespace (default: the service account's)")
     parser.add_argument("--tls-ca", help="CA bundle (PEM) to verify https servers against when they prove their address")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM): a public address, relayed "
+                                           "sessions included, where no Ingress or load balancer terminates TLS")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     parser.add_argument("--allow-unsigned", action="store_true",
                         help="list servers whose announcements are not signed (servers that predate identities), and "
                              "without checking that their address answers as them: anyone with the join credential "
@@ -452,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     service.verifier.authority_key = authority_key
     service.adapters = AdapterStore(AdapterLimits(args.max_adapter_bytes, args.adapter_store_bytes),
                                     directory=args.adapter_dir)
-    web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None,
+                ssl_context=server_ssl_context(args.tls_cert, args.tls_key))
     return 0
 
 
