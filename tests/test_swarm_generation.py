@@ -11,6 +11,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from llmswarm import DistributedModelForCausalLM
+from llmswarm_core.threads import available_cores
 from tests.conftest import chat_ids
 
 pytestmark = pytest.mark.integration
@@ -55,19 +56,23 @@ def test_known_answer(model3):
 
 
 def test_generate_runs_on_decode_threads_and_restores_the_callers_setting(swarm3):
-    """generate() does its per-token local work on ClientConfig.decode_threads, then gives the thread count back."""
+    """generate() does its per-token local work on ClientConfig.decode_threads and the LM-head product over the
+    vocabulary on head_threads (every core by default), then gives the caller's thread count back."""
     model = DistributedModelForCausalLM.from_pretrained("smollm2", swarm=swarm3.url, progress=False)  # its own: patched
-    seen: list[int] = []
-    head = model.lm_head.forward
-    model.lm_head.forward = lambda hidden: (seen.append(torch.get_num_threads()), head(hidden))[1]
+    head_threads: list[int] = []
+    norm_threads: list[int] = []
+    head, norm = model.lm_head.forward, model.final_norm.forward
+    model.lm_head.forward = lambda hidden: (head_threads.append(torch.get_num_threads()), head(hidden))[1]
+    model.final_norm.forward = lambda hidden: (norm_threads.append(torch.get_num_threads()), norm(hidden))[1]
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         swarm_greedy(model, chat_ids(model.tokenizer, "Hi"), max_new_tokens=3)
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert seen and set(seen) == {model.client.config.decode_threads}
+    assert norm_threads and set(norm_threads) == {model.client.config.decode_threads}
+    assert head_threads and set(head_threads) == {available_cores()}
 
 
 def test_batched_generation_with_left_padding_equals_local(model3, local_smollm2):

@@ -28,6 +28,10 @@ class ClientConfig:
     # dispatch: with more threads each op only adds OpenMP wake-ups (measured: 2 threads with
     # OMP_WAIT_POLICY=PASSIVE cost 8 ms more per token than 1 on a 2-core machine).
     decode_threads: int = 1
+    # torch threads for the LM-head product of the decode loop (decode_loop.py): one matrix product over the whole
+    # vocabulary, which gains from every core unlike the token's other small ops (measured on 2 cores with
+    # OMP_WAIT_POLICY=PASSIVE: 16 rows 21.9 ms on one thread, 8.8 on two; one row 7.9 and 3.8). 0: every core.
+    head_threads: int = 0
     # A session's step goes to its first server with the rest of the chain, and each server pushes its
     # output straight to the next (see llmswarm_node/push.py): one client round trip per step, not per hop.
     push: bool = True

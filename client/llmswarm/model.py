@@ -35,7 +35,7 @@ from llmswarm.stateless import RemoteSequential
 from llmswarm_core.arch import architecture_of
 from llmswarm_core.security import token_from_env
 from llmswarm_core.source import ModelDir, load_state, resolve
-from llmswarm_core.threads import torch_threads
+from llmswarm_core.threads import available_cores, torch_threads
 
 
 class RemoteCache(Cache):
@@ -312,7 +312,9 @@ class DistributedModelForCausalLM(_DistributedModel, GenerationMixin):
         return self.embed_norm(self.embed_inputs(input_ids.to(self.device))).cpu()
 
     def logits_for_loop(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(hidden.to(self.device))).cpu()
+        normed = self.final_norm(hidden.to(self.device))
+        with torch_threads(self.client.config.head_threads or available_cores()):
+            return self.lm_head(normed).cpu()
 
     @property
     def decode_threads(self) -> int:
