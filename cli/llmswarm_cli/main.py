@@ -15,10 +15,12 @@ from llmswarm_core.threads import shared_cores_env
 
 
 def _load_model(args: argparse.Namespace) -> Any:
+    from llmswarm.config import ClientConfig
     from llmswarm.model import DistributedModelForCausalLM
 
     return DistributedModelForCausalLM.from_pretrained(args.model, swarm=args.swarm, wire_dtype=args.wire_dtype,
-                                                       token=args.token, tls_ca=args.tls_ca)
+                                                       token=args.token, tls_ca=args.tls_ca,
+                                                       client_config=ClientConfig(relay=args.relay))
 
 
 def _answer(model: Any, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
@@ -281,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_generation_arguments(command)
         command.add_argument("--token", help="swarm token (default: $LLMSWARM_TOKEN)")
         command.add_argument("--tls-ca", help="CA bundle (PEM) to verify https servers")
+        command.add_argument("--relay", action="store_true", help="reach every server through the route map's "
+                                                                  "relay (from outside the swarm's cluster)")
         if name == "generate":
             command.add_argument("prompt")
         command.set_defaults(func=func)
